@@ -1,0 +1,1 @@
+"""Benchmarks: runner, targets, device profiles, roofline projection, peers, reports."""

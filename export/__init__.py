@@ -1,0 +1,1 @@
+"""Exporters: quantization recipes, one module per backend, the bundle and its manifest, parity."""

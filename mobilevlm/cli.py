@@ -1,0 +1,177 @@
+"""The `mobilevlm` command: one console script with a subcommand per job.
+
+Errors caused by input (`MobileVLMError`) are printed as one line and exit with status 2; `--debug`
+shows the traceback instead. Subcommands import their heavy dependencies only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import MobileVLMError
+
+# name -> class with `add_arguments(parser)` and `run(args) -> exit status`; its docstring is the help.
+COMMANDS: dict[str, type] = {}
+
+
+def command(name: str) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        COMMANDS[name] = cls
+        return cls
+
+    return register
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (ours, or a published MobileVLM / LLaVA folder)")
+    parser.add_argument("--vision-tower", type=Path, help="separate CLIP folder for checkpoints that do not embed the vision weights")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weight files (read with weights_only)")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@command("generate")
+class Generate:
+    """Answer a question about an image with the PyTorch reference model."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_model_arguments(parser)
+        parser.add_argument("--image", type=Path, required=True)
+        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--seed", type=int, help="sampling seed (sampled answers repeat with the same seed)")
+        parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .checkpoint import load_model, load_processor
+        from .generate import generate_stream
+        from .processing import check_prompt
+
+        set_threads(args.threads)
+        if not 0 < args.top_p <= 1 or args.temperature < 0:
+            raise MobileVLMError(f"--top-p must be in (0, 1] and --temperature >= 0 (got {args.top_p}, {args.temperature})")
+        prompt = check_prompt(args.prompt)
+        model = load_model(args.model, args.vision_tower, args.allow_pickle)
+        processor = load_processor(args.model, args.vision_tower)
+        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        for piece in generate_stream(model, processor, args.image, prompt, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+
+
+@command("init")
+class Init:
+    """Write a checkpoint with random weights in a preset's shape (for benchmarks of published shapes)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from .config import PRESETS
+
+        parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+        parser.add_argument("--out", type=Path, required=True)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        import tempfile
+
+        import torch
+
+        from .checkpoint import save_pretrained
+        from .config import get_preset
+        from .data.tokenizer import build_tokenizer
+        from .model import MobileVLM
+        from .processing import get_template
+
+        config = get_preset(args.preset)
+        torch.manual_seed(args.seed)
+        model = MobileVLM(config)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = Path(tmp) / "tokenizer.json"
+            build_tokenizer(get_template(config.prompt_template).text, min(config.text.vocab_size, 1024)).save(str(tokenizer))
+            save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.force)
+        print(f"wrote {args.out} ({model.num_parameters():,} parameters, random weights, preset {args.preset})")
+        return 0
+
+
+@command("scene")
+class Scene:
+    """Render a synthetic scene of a split and print its caption and questions (for trying models)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--split", choices=("train", "val", "test"), default="test")
+        parser.add_argument("--index", type=int, default=0, help="scene number within the split")
+        parser.add_argument("--size", type=positive_int, default=256)
+        parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .data import caption, instruction_qas, make_scene, render_scene, scene_seeds
+        from .data.splits import text_rng
+        from .fileio import atomic_file
+
+        try:
+            seed = next(scene_seeds(args.split, args.index, 1))
+        except ValueError as exc:
+            raise MobileVLMError(f"--index: {exc}") from None
+        scene = make_scene(seed)
+        with atomic_file(args.out) as handle:
+            render_scene(scene, args.size).save(handle, format="PNG")
+        print(f"{args.out}: scene {seed} ({args.split} #{args.index})")
+        print(f"caption: {caption(scene)}")
+        for qa in instruction_qas(scene, text_rng(seed, "instruction")):
+            print(f"{qa.qtype}: {qa.question} -> {qa.answer}")
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobilevlm", description="MobileVLM-style models from PyTorch to phones.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=cls.__doc__, description=cls.__doc__)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        cls.add_arguments(p)
+        p.set_defaults(run=cls.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MobileVLMError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Turning an image and a question into model inputs: image loading and preprocessing, the prompt
+template, and the tokenizer.
+
+Preprocessing follows MobileVLM: pad the image to a square with the mean colour (or stretch it),
+resize bicubically to the encoder's size, scale to [0, 1], normalise with the configured mean / std.
+`prepare_image` stops before normalising (uint8 RGB, what exported graphs take when they normalise
+inside); `preprocess` finishes the job for the PyTorch reference. Both share every resampling step, so
+an artifact fed by an app and the reference see the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import MobileVLMConfig
+from .errors import ImageError, PromptError, TokenizerError
+from .model import IMAGE_TOKEN_INDEX
+
+ImageSource = Union[str, Path, bytes, Image.Image]
+
+# Larger images are refused before decoding: a 10-kB PNG can claim gigapixels (a decompression bomb).
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 50.0
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode an image file (or bytes, or a PIL image) to RGB, upright per its EXIF orientation.
+
+    16-bit images are scaled (not clipped) to 8 bits; transparency is composited over white; CMYK and
+    palette images are converted. Anything undecodable is an `ImageError` naming the file.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else "<image>" if isinstance(source, Image.Image) else str(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = source if isinstance(source, bytes) else _read_file(Path(source))
+        if not data:
+            raise ImageError(f"{name}: file is empty (0 bytes), expected an image")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                _check_size(name, image.size)
+                image.load()
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{name}: not a decodable image ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: image data is corrupt or truncated ({exc})") from None
+    _check_size(name, image.size)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not make a readable image unusable
+        pass
+    return _to_rgb(image)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, expected an image file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read image ({exc.strerror})") from None
+
+
+def _check_size(name: str, size: tuple[int, int]) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} accepted")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ImageError(f"{name}: image is {w}x{h}, an aspect ratio over {MAX_ASPECT_RATIO:g}:1")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Square resize (or pad + resize) and normalisation, as the vision encoder was trained with."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    aspect_mode: str = "pad"
+
+    @classmethod
+    def from_config(cls, config: MobileVLMConfig) -> ImageProcessor:
+        v = config.vision
+        return cls(v.image_size, tuple(v.image_mean), tuple(v.image_std), config.image_aspect_ratio)
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.mean)
+
+    def prepare_image(self, source: ImageSource) -> torch.Tensor:
+        """uint8 RGB [3, size, size]: padded / resized, not normalised."""
+        image = load_image(source)
+        if self.aspect_mode == "pad" and image.width != image.height:
+            side = max(image.size)
+            canvas = Image.new("RGB", (side, side), self.pad_color)
+            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = canvas
+        elif self.aspect_mode == "crop" and image.width != image.height:
+            scale = self.size / min(image.size)
+            w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [.., 3, H, W] -> float32 (x / 255 - mean) / std."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels.float() / 255.0 - mean) / std
+
+    def preprocess(self, source: ImageSource) -> torch.Tensor:
+        """float32 [1, 3, size, size], ready for `MobileVLM.encode_image`."""
+        return self.normalize(self.prepare_image(source)).unsqueeze(0)
+
+
+# --- prompt template -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A single-turn conversation with one image; `<image>` marks the image, `{prompt}` the question."""
+
+    name: str
+    text: str
+    add_bos: bool = True
+    stop: tuple[str, ...] = ("</s>",)
+
+    def split(self, prompt: str) -> tuple[str, str]:
+        """The text before the image and the text after it, with the question filled in."""
+        before, after = self.text.split("<image>")
+        return before.replace("{prompt}", prompt), after.replace("{prompt}", prompt)
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
+    # MobileVLM's `v1` conversation: system, " USER: <image>\n{prompt} ASSISTANT:", stop at </s>.
+    "vicuna_v1": PromptTemplate("vicuna_v1", VICUNA_SYSTEM + " USER: <image>\n{prompt} ASSISTANT:"),
+    # The same turn without the 30-token system sentence, for the small models trained here.
+    "tiny": PromptTemplate("tiny", "USER: <image>\n{prompt} ASSISTANT:"),
+}
+
+
+def get_template(name: str) -> PromptTemplate:
+    if name not in PROMPT_TEMPLATES:
+        raise PromptError(f"unknown prompt template {name!r}; expected one of {', '.join(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[name]
+
+
+def check_prompt(prompt: object) -> str:
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptError(f"prompt is not valid UTF-8 (byte {exc.start})") from None
+    if not isinstance(prompt, str):
+        raise PromptError(f"prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"prompt is not valid UTF-8 (character {exc.start})") from None
+    if not prompt.strip():
+        raise PromptError("prompt is empty")
+    return prompt
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer.json with the ids of its special tokens.
+
+    Special tokens are never added implicitly: callers add BOS where the template asks for it, so the
+    same ids come out here and in runtimes that tokenize the prompt parts themselves.
+    """
+
+    def __init__(self, path: str | Path, bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>"):
+        import tokenizers
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(f"{self.path}: tokenizer file not found")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as exc:
+            raise TokenizerError(f"{self.path}: not a valid tokenizer.json ({exc})") from None
+        self.bos_id = self._require(bos)
+        self.eos_id = self._require(eos)
+        self.pad_id = self._tok.token_to_id(pad)
+
+    def _require(self, token: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{self.path}: special token {token!r} is not in the vocabulary")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = ("<pad>", "<s>", "</s>")):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` (special tokens get the first ids)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+# --- the processor -------------------------------------------------------------------------------
+
+
+@dataclass
+class Processor:
+    """Everything between (image, question) and model inputs, for one model."""
+
+    image: ImageProcessor
+    template: PromptTemplate
+    tokenizer: Tokenizer
+
+    @classmethod
+    def from_config(cls, config: MobileVLMConfig, tokenizer: Tokenizer) -> Processor:
+        if tokenizer.vocab_size > config.text.vocab_size:
+            raise TokenizerError(
+                f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary holds "
+                f"{config.text.vocab_size} (text.vocab_size)"
+            )
+        return cls(ImageProcessor.from_config(config), get_template(config.prompt_template), tokenizer)
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids of the text before the image (with BOS if the template says so) and after it."""
+        before, after = self.template.split(check_prompt(prompt))
+        return self.tokenizer.encode(before, add_bos=self.template.add_bos), self.tokenizer.encode(after)
+
+    def __call__(self, image: ImageSource, prompt: str) -> tuple[torch.Tensor, list[int]]:
+        """(pixel_values [1, 3, H, W], token ids with `IMAGE_TOKEN_INDEX` where the image goes)."""
+        before, after = self.prompt_ids(prompt)
+        return self.image.preprocess(image), [*before, IMAGE_TOKEN_INDEX, *after]
