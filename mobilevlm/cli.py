@@ -147,6 +147,138 @@ class Scene:
         return 0
 
 
+@command("train")
+class Train:
+    """Train a model from scratch on generated data, stage by stage (resumable; torchrun for several processes)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from .train.recipe import RECIPES, STAGES
+
+        parser.add_argument("--out", type=Path, required=True, help="run folder (stages, logs, final model under OUT/model)")
+        parser.add_argument("--recipe", default="tiny", choices=sorted(RECIPES))
+        parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete checkpoint")
+        parser.add_argument("--force", action="store_true", help="delete an existing run folder and start over")
+        parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (1 measured fastest here)")
+        parser.add_argument("--save-every", type=positive_int, default=100, help="steps between mid-stage checkpoints")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .train import Trainer, get_recipe
+
+        set_threads(args.threads)
+        recipe = get_recipe(args.recipe).select(args.stages.split(",") if args.stages else None)
+        final = Trainer(args.out, recipe, resume=args.resume, force=args.force, save_every=args.save_every).run()
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            print(f"final model: {final}")
+        return 0
+
+
+@command("evaluate")
+class Evaluate:
+    """Closed-ended accuracy, POPE and CHAIR on held-out test scenes."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_model_arguments(parser)
+        parser.add_argument("--seed", type=int, help="first test-split scene seed (values below the test range are offsets into it)")
+        parser.add_argument("--num", type=positive_int, default=100, help="number of scenes")
+        parser.add_argument("--json", type=Path, help="write the full result here")
+        parser.add_argument("--threads", type=positive_int, default=1)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .checkpoint import load_model, load_processor
+        from .evaluate import ReferenceAnswerer, eval_seeds, evaluate, summary_lines
+        from .fileio import write_json
+
+        set_threads(args.threads)
+        eval_seeds(args.seed, args.num)  # refuse a bad range before loading anything
+        answerer = ReferenceAnswerer(load_model(args.model, args.vision_tower, args.allow_pickle), load_processor(args.model, args.vision_tower))
+        result = evaluate(answerer, args.seed, args.num)
+        result["model"] = str(args.model)
+        print("\n".join(summary_lines(result)))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+
+
+@command("export")
+class Export:
+    """Quantize, lower and verify a model for a backend; write an app-ready bundle."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--backend", default="executorch", help="executorch")
+        parser.add_argument("--quant", default="fp32", help="recipe, or several separated by commas (e.g. fp32,8da4w); see export/quantize.py")
+        parser.add_argument("--model", type=Path, help="checkpoint folder (default: the shipped reference model)")
+        parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+        parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+        parser.add_argument("--context-length", type=positive_int, help="KV-cache positions (default: the model's context)")
+        parser.add_argument("--parity-cases", type=int, default=8, help="image/question pairs compared with the reference")
+        parser.add_argument("--eval-scenes", type=int, default=20, help="test scenes for task accuracy (0 to skip)")
+        parser.add_argument("--eval-seed", type=int, help="first test scene (as in mobilevlm evaluate)")
+        parser.add_argument("--threads", type=positive_int, help="torch / runtime CPU threads")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .export.pipeline import export_bundle
+
+        set_threads(args.threads)
+        recipes = tuple(r.strip() for r in args.quant.split(",") if r.strip())
+        export_bundle(args.out, args.backend, recipes, args.model, args.force, args.context_length, args.parity_cases, args.eval_scenes, args.eval_seed)
+        return 0
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+@command("bench")
+class Bench:
+    """Measure every artifact of a bundle and the PyTorch reference: load, encode, prefill, TTFT, decode, memory."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("bundle", type=Path)
+        parser.add_argument("--target", default="host", help="host")
+        parser.add_argument("--threads", type=int_list, default=(1,), help="thread counts to measure, e.g. 1,2")
+        parser.add_argument("--prompt-lengths", type=int_list, default=(16, 64), help="prefill lengths to time")
+        parser.add_argument("--repeats", type=positive_int, default=5)
+        parser.add_argument("--warmup", type=int, default=1)
+        parser.add_argument("--decode-tokens", type=positive_int, default=32)
+        parser.add_argument("--model", type=Path, help="reference checkpoint (default: the one the bundle was exported from)")
+        parser.add_argument("--only", help="comma-separated contenders to run (pytorch or artifact names)")
+        parser.add_argument("--results", type=Path, default=Path("results.jsonl"), help="JSON records are appended here")
+        parser.add_argument("--report", type=Path, help="also write the Markdown table here")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks.report import markdown_table
+        from .benchmarks.runner import append_records, run_bench
+        from .fileio import atomic_file
+
+        only = tuple(x.strip() for x in args.only.split(",")) if args.only else ()
+        records = run_bench(args.bundle, args.target, args.threads, args.prompt_lengths, args.repeats, args.warmup, args.decode_tokens, args.model, only)
+        append_records(args.results, records)
+        table = markdown_table(records)
+        print(table)
+        if args.report:
+            with atomic_file(args.report, "w") as handle:
+                handle.write(table)
+        failed = [r["contender"] for r in records if "error" in r]
+        if failed:
+            raise MobileVLMError(f"benchmark failed for {', '.join(failed)}: " + "; ".join(r["error"] for r in records if "error" in r))
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobilevlm", description="MobileVLM-style models from PyTorch to phones.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -155,6 +155,8 @@ class PromptTemplate:
 
     name: str
     text: str
+    # A later turn of a multi-turn conversation (training only): follows the previous answer's EOS.
+    followup: str = "USER: {prompt} ASSISTANT:"
     add_bos: bool = True
     stop: tuple[str, ...] = ("</s>",)
 
@@ -171,7 +173,7 @@ VICUNA_SYSTEM = (
 
 PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
     # MobileVLM's `v1` conversation: system, " USER: <image>\n{prompt} ASSISTANT:", stop at </s>.
-    "vicuna_v1": PromptTemplate("vicuna_v1", VICUNA_SYSTEM + " USER: <image>\n{prompt} ASSISTANT:"),
+    "vicuna_v1": PromptTemplate("vicuna_v1", VICUNA_SYSTEM + " USER: <image>\n{prompt} ASSISTANT:", followup="USER: {prompt} ASSISTANT:"),
     # The same turn without the 30-token system sentence, for the small models trained here.
     "tiny": PromptTemplate("tiny", "USER: <image>\n{prompt} ASSISTANT:"),
 }
@@ -244,11 +246,41 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (a byte-level token may be part of a UTF-8 character)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"{self.path}: token id {token_id} is outside the vocabulary")
+        if token_id in self._special_ids:
+            return piece.encode("utf-8")
+        table = _byte_level_table()
+        if not all(c in table for c in piece):
+            return piece.encode("utf-8")  # not a byte-level token
+        return bytes(table[c] for c in piece)
+
+    @property
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's character -> byte table: printable Latin-1 characters stand for themselves,
+    the other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(0x100 + extra)] = byte
+            extra += 1
+    return table
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = ("<pad>", "<s>", "</s>")):
     """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` (special tokens get the first ids)."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -260,6 +292,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: tuple
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # BOS when a runtime asks for special tokens (ExecuTorch's num_bos, Android's prefill with bos=1);
+    # our own `Tokenizer.encode` adds it explicitly instead.
+    bos = special_tokens[1] if len(special_tokens) > 1 else special_tokens[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 

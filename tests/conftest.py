@@ -69,3 +69,14 @@ def image_path(tmp_path_factory) -> Path:
 
 def replace(config, **changes):
     return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory, micro_checkpoint) -> Path:
+    """The micro model exported to ExecuTorch fp32 and 8da4w (group 32), with parity measured."""
+    from mobilevlm.export import pipeline
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bundles") / "micro"
+    pipeline.export_bundle(out, "executorch", ("fp32", "8da4w-g32"), micro_checkpoint, num_parity_cases=4, eval_scenes=2, log=lambda s: None)
+    return out

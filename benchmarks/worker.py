@@ -1,0 +1,179 @@
+"""One contender, measured in a fresh process (so load time and peak memory are its own).
+
+    python -m mobilevlm.benchmarks.worker --bundle B --contender NAME --out result.json [options]
+
+A contender is an artifact of the bundle (by name) or `pytorch` (the reference checkpoint the bundle
+was exported from). Each exposes the same three calls as the model methods, and the same timing code
+runs over them: load, image encode, prefill at several prompt lengths, time to first token (image
+encode + prefill of the real prompt + first token), decode tokens/s, peak RSS, file size. A warm-up
+precedes repeated runs; each figure is reported as median, min and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+class PyTorchContender:
+    name = "pytorch"
+    backend = "pytorch"
+
+    def __init__(self, bundle, model_dir: Path, context: int):
+        from mobilevlm import load_model
+
+        self.model = load_model(model_dir)
+        self.model.setup_cache(1, context)
+        self.file_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+        v = self.model.config.vision
+        self.mean, self.std = torch.tensor(v.image_mean).view(1, 3, 1, 1), torch.tensor(v.image_std).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def encode(self, image_u8: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image((image_u8.float() / 255 - self.mean) / self.std)
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(ids)
+
+    @torch.inference_mode()
+    def decode(self, embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(embeds, pos)[0, -1]
+
+
+class ExecuTorchContender:
+    backend = "executorch"
+
+    def __init__(self, bundle, artifact: dict):
+        from mobilevlm.export.executorch import load_runtime_kernels
+
+        load_runtime_kernels()
+        from executorch.runtime import Runtime
+
+        path = bundle.path(artifact["file"])
+        self.name, self.file_bytes = artifact["name"], path.stat().st_size
+        runtime = Runtime.get()
+        encoders = runtime.load_program(str(path))
+        self.vision = encoders.load_method("vision_encoder")
+        self.embedding = encoders.load_method("token_embedding")
+        self.decoder = runtime.load_program(str(path)).load_method("text_decoder")  # own memory plan
+
+    def encode(self, image_u8):
+        return self.vision.execute([image_u8])[0]
+
+    def embed(self, ids):
+        return self.embedding.execute([ids])[0]
+
+    def decode(self, embeds, pos):
+        return self.decoder.execute([embeds, pos])[0][0]
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, prompt_lengths: list[int], repeats: int, warmup: int, decode_tokens: int, tokenizer) -> dict:
+    prompt = manifest["prompt"]
+    context = prompt["context_length"]
+    before = torch.tensor([prompt["before_image_ids"]])
+    after = torch.tensor([tokenizer.encode(prompt["after_image"].replace(prompt["prompt_slot"], question))])
+    width = manifest["model"]["config"]["text"]["hidden_size"]
+
+    def first_token() -> tuple[int, int]:
+        pos = 0
+        for chunk in (contender.embed(before), contender.encode(image_u8), contender.embed(after)):
+            logits = contender.decode(chunk, torch.arange(pos, pos + chunk.shape[1]))
+            pos += chunk.shape[1]
+        return int(logits.argmax()), pos
+
+    def decode_run(token: int, pos: int) -> float:
+        steps = min(decode_tokens, context - pos - 1)
+        start = time.perf_counter()
+        for i in range(steps):
+            token = int(contender.decode(contender.embed(torch.tensor([[token]])), torch.tensor([pos + i])).argmax())
+        return steps / (time.perf_counter() - start)
+
+    lengths = [n for n in prompt_lengths if n < context]
+    for _ in range(warmup):
+        token, pos = first_token()
+        decode_run(token, pos)
+        for n in lengths:
+            contender.decode(torch.randn(1, n, width), torch.arange(n))
+    encode, ttft, decode, prefill = [], [], [], {n: [] for n in lengths}
+    for _ in range(repeats):
+        encode.append(1e3 * timed(lambda: contender.encode(image_u8))[0])
+        seconds, (token, pos) = timed(first_token)
+        ttft.append(1e3 * seconds)
+        decode.append(decode_run(token, pos))
+        for n in lengths:
+            embeds = torch.randn(1, n, width)
+            prefill[n].append(n / timed(lambda: contender.decode(embeds, torch.arange(n)))[0])
+    return {
+        "image_encode_ms": spread(encode),
+        "ttft_ms": spread(ttft),
+        "prompt_tokens": pos,
+        "decode_tok_s": spread(decode),
+        "decode_tokens": min(decode_tokens, context - pos - 1),
+        "prefill_tok_s": {str(n): spread(v) for n, v in prefill.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--contender", required=True)
+    parser.add_argument("--model", type=Path, help="reference checkpoint for the pytorch contender")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-lengths", default="16,64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)  # also sizes ExecuTorch's thread pool in this process
+    from PIL import Image
+
+    from mobilevlm.export.bundle import load_bundle
+    from mobilevlm.processing import ImageProcessor, Tokenizer
+
+    bundle = load_bundle(args.bundle)
+    manifest = bundle.manifest
+    pre = manifest["preprocessing"]
+    case = manifest["parity"]["cases"][0]
+    image_u8 = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"]).prepare_image(Image.open(bundle.path(case["image"]))).unsqueeze(0).contiguous()
+    tokenizer = Tokenizer(bundle.path(manifest["tokenizer"]["file"]))
+    if args.contender != "pytorch":
+        from mobilevlm.export.executorch import load_runtime_kernels
+
+        load_runtime_kernels()  # library start-up, not model load: kept out of load_s
+    started = time.perf_counter()
+    if args.contender == "pytorch":
+        contender = PyTorchContender(bundle, args.model or Path(manifest["model"]["source"]), manifest["prompt"]["context_length"])
+    else:
+        contender = ExecuTorchContender(bundle, bundle.artifact(args.contender))
+    load_s = time.perf_counter() - started
+    metrics = measure(contender, manifest, image_u8, case["question"], [int(x) for x in args.prompt_lengths.split(",") if x], args.repeats, args.warmup, args.decode_tokens, tokenizer)
+    metrics["load_s"] = load_s
+    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics["file_mb"] = contender.file_bytes / 1e6
+    args.out.write_text(json.dumps({"contender": contender.name, "backend": contender.backend, "threads": args.threads, "metrics": metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""ExecuTorch exporter: one `.pte` that ExecuTorch's `MultimodalRunner` (the runner in the Android and
+iOS apps) runs unchanged.
+
+Methods (the runner's contract, read from executorch 1.4.1's `extension/llm/runner`):
+- `vision_encoder(image uint8 [1, 3, S, S]) -> [1, N, D]`: RGB bytes, already padded / resized to S by
+  the app; scaling to [0, 1] and the mean / std normalisation happen inside the graph.
+- `token_embedding(tokens int64 [1, T]) -> [1, T, D]`, T dynamic.
+- `text_decoder(embeds [1, T, D], input_pos int64 [T]) -> logits [1, V]` of the last position, T
+  dynamic; the runner passes `arange(start, start + T)` for a prompt chunk and `[pos]` per token.
+- constant methods: `get_max_seq_len`, `get_max_context_len` (the KV cache length), `get_eos_ids`,
+  `get_bos_id`, `get_vocab_size`, `get_n_layers`, `use_kv_cache`, `enable_dynamic_shape`,
+  `use_sdpa_with_kv_cache`.
+
+The decoder's attention is swapped (a module swap on a copy of the model, the model itself is not
+touched) for one that keeps its cache in ExecuTorch's [B, S, H_kv, D] layout and uses the runtime's
+`llama::update_cache` / `llama::custom_sdpa` kernels, which read only the filled part of the cache and
+handle grouped KV heads natively. Linear layers are lowered to XNNPACK.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mobilevlm.errors import ExportError
+from mobilevlm.model import MobileVLM
+from mobilevlm.processing import Processor
+from mobilevlm.text import apply_rope
+
+from .quantize import QuantRecipe, check_group_size, quantize_embedding, quantize_linears
+
+# Kernels an app's ExecuTorch build must register to run our .pte (Android's and iOS's LLM runtime
+# libraries include both sets).
+CUSTOM_OPS = ("llama::update_cache", "llama::custom_sdpa")
+QUANTIZED_EMBEDDING_OPS = ("quantized_decomposed::embedding_byte", "quantized_decomposed::embedding_4bit")
+
+
+def load_runtime_kernels() -> None:
+    """Register the custom and quantized kernels with the ExecuTorch runtime of this process."""
+    import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_*
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama::custom_sdpa, update_cache
+
+
+class VisionEncoderMethod(nn.Module):
+    """uint8 RGB [1, 3, S, S] -> image tokens, normalisation inside."""
+
+    def __init__(self, model: MobileVLM):
+        super().__init__()
+        self.vision, self.projector = model.vision, model.projector
+        v = model.config.vision
+        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(v.image_std))).view(1, 3, 1, 1))
+        self.register_buffer("shift", (torch.tensor(v.image_mean) / torch.tensor(v.image_std)).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # (x / 255 - mean) / std, as one multiply-add
+        pixels = image.to(torch.float32) * self.scale - self.shift
+        return self.projector(self.vision(pixels))
+
+
+class TokenEmbeddingMethod(nn.Module):
+    def __init__(self, model: MobileVLM):
+        super().__init__()
+        self.embed_tokens = model.text.embed_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+
+class CustomOpAttention(nn.Module):
+    """Our attention (same weights), with the KV cache in ExecuTorch's layout and its fused kernels."""
+
+    def __init__(self, attention: nn.Module, cache_len: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        shape = (1, cache_len, self.num_kv_heads, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.cache_len = cache_len
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]: broadcast over heads in [B, T, H, D]
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + t <= self.cache_len)
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
+        return self.o_proj(y.reshape(b, t, -1))
+
+
+class TextDecoderMethod(nn.Module):
+    """(embeds [1, T, D], input_pos [T]) -> logits [1, V] of the last position."""
+
+    def __init__(self, model: MobileVLM, cache_len: int):
+        super().__init__()
+        self.text = model.text
+        for layer in self.text.layers:
+            layer.self_attn = CustomOpAttention(layer.self_attn, cache_len)
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.text.rope_cos[input_pos], self.text.rope_sin[input_pos]
+        x = embeds
+        for layer in self.text.layers:
+            x = layer(x, cos, sin, input_pos, None)
+        return self.text.lm_head(self.text.norm(x[:, -1, :]))
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    seconds: float
+    size_bytes: int
+    methods: dict
+    metadata: dict
+
+
+def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
+    """What each method takes and returns, for the manifest (an app's whole contract)."""
+    c = model.config
+    s = c.vision.image_size
+    return {
+        "vision_encoder": {
+            "inputs": [{"name": "image", "dtype": "uint8", "shape": [1, 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
+                        "resized_inside": False, "normalized_inside": True}],
+            "outputs": [{"name": "image_embeddings", "dtype": "float32", "shape": [1, c.num_image_tokens, c.text.hidden_size]}],
+        },
+        "token_embedding": {
+            "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "dynamic": {"T": [1, cache_len]}}],
+            "outputs": [{"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size]}],
+        },
+        "text_decoder": {
+            "inputs": [
+                {"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size], "dynamic": {"T": [1, cache_len - 1]}},
+                {"name": "input_pos", "dtype": "int64", "shape": ["T"], "meaning": "positions start..start+T-1 of these embeddings"},
+            ],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, c.text.vocab_size], "meaning": "next-token logits after the last position"}],
+            "kv_cache": {"positions": cache_len, "layout": "[1, positions, kv_heads, head_dim] per layer, held inside the program"},
+        },
+    }
+
+
+def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecipe, path: Path, cache_len: int | None = None) -> ExportReport:
+    """Lower `model` to a .pte at `path` (the caller puts it in a bundle)."""
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torch.export import Dim
+
+    load_runtime_kernels()  # registers the llama:: ops' export-time implementations too
+    started = time.time()
+    config = model.config
+    cache_len = cache_len or config.text.max_seq_len
+    if not config.num_image_tokens + 2 <= cache_len <= config.text.max_seq_len:
+        raise ExportError(f"context length {cache_len} must hold the {config.num_image_tokens} image tokens plus text, and be at most the model's {config.text.max_seq_len}")
+    if recipe.decoder_bits == 4:
+        check_group_size(model.text, recipe.group_size)
+    model = copy.deepcopy(model).eval().float()
+    model.text.remove_cache()
+    if recipe.embedding_bits:
+        model.text = quantize_embedding(model.text, recipe.embedding_bits)
+    if recipe.decoder_bits:
+        quantize_linears(model.text, recipe.decoder_bits, recipe.group_size)
+    if recipe.vision_bits:
+        quantize_linears(model.vision, recipe.vision_bits, None)
+        quantize_linears(model.projector, recipe.vision_bits, None)
+
+    vision, embedding, decoder = VisionEncoderMethod(model), TokenEmbeddingMethod(model), TextDecoderMethod(model, cache_len)
+    s = config.vision.image_size
+    image = torch.zeros(1, 3, s, s, dtype=torch.uint8)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    embeds = torch.zeros(1, 4, config.text.hidden_size)
+    positions = torch.arange(4)
+    seq = Dim("seq", min=1, max=cache_len - 1)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        programs = {
+            "vision_encoder": torch.export.export(vision, (image,), strict=False),
+            "token_embedding": torch.export.export(embedding, (tokens,), dynamic_shapes=({1: Dim("tokens", min=1, max=cache_len)},), strict=False),
+            "text_decoder": torch.export.export(decoder, (embeds, positions), dynamic_shapes=({1: seq}, {0: seq}), strict=False),
+        }
+    metadata = {
+        "get_max_seq_len": cache_len,
+        "get_max_context_len": cache_len,
+        "get_eos_ids": [processor.tokenizer.eos_id],
+        "get_bos_id": processor.tokenizer.bos_id,
+        "get_vocab_size": config.text.vocab_size,
+        "get_n_layers": config.text.num_layers,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": True,
+    }
+    dynamic_quant = XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True)
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner={
+            "vision_encoder": [XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True), XnnpackPartitioner()],
+            "token_embedding": [],
+            "text_decoder": [dynamic_quant, XnnpackPartitioner()],
+        },
+        constant_methods=metadata,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            passes=[QuantFusionPass()],
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # Plan memory for the largest shape each dynamic dimension allows (a hint-based plan
+            # would cap prompts at the example's length).
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    with open(path, "wb") as handle:
+        program.write_to_file(handle)
+    logging.info("wrote %s", path)
+    return ExportReport(Path(path), time.time() - started, Path(path).stat().st_size, method_specs(model, cache_len, recipe), metadata)
+
+
+class ExecuTorchSession:
+    """A .pte of a bundle, driven from the manifest alone, as an app drives it.
+
+    `answer` runs ExecuTorch's C++ `MultimodalRunner` (what the phone apps link); `forced_logits` calls
+    the program's methods through `executorch.runtime` to read logits, which the runner does not
+    expose. The decoder is loaded as its own program there: the Python runtime shares one memory plan
+    between all methods of a program, which would let other methods overwrite the KV cache.
+    """
+
+    def __init__(self, root: Path, artifact: dict, manifest: dict):
+        from mobilevlm.processing import ImageProcessor, Tokenizer
+
+        from .parity import captured_native_output, native_error
+
+        load_runtime_kernels()
+        from executorch.extension.llm.runner import MultimodalRunner
+        from executorch.runtime import Runtime
+
+        self.path = Path(root) / artifact["file"]
+        self.prompt = manifest["prompt"]
+        pre = manifest["preprocessing"]
+        self.image_processor = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"])
+        self.tokenizer = Tokenizer(Path(root) / manifest["tokenizer"]["file"])
+        with captured_native_output() as output:
+            try:
+                self.runner = MultimodalRunner(str(self.path), str(root))
+                runtime = Runtime.get()
+                encoders = runtime.load_program(str(self.path))
+                self.vision = encoders.load_method("vision_encoder")
+                self.embedding = encoders.load_method("token_embedding")
+                self.decoder = runtime.load_program(str(self.path)).load_method("text_decoder")
+            except RuntimeError:
+                raise native_error(f"{self.path}: ExecuTorch cannot load this program", output) from None
+
+    def image_tensor(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor.prepare_image(image).unsqueeze(0).contiguous()
+
+    def check_length(self, prompt: str) -> list[int]:
+        """Token ids after the image; a prompt that cannot fit the exported context is a `PromptError`."""
+        from mobilevlm.errors import PromptError
+        from mobilevlm.processing import check_prompt
+
+        after = self.tokenizer.encode(self.prompt["after_image"].replace(self.prompt["prompt_slot"], check_prompt(prompt)))
+        total = len(self.prompt["before_image_ids"]) + self.prompt["image_tokens"] + len(after)
+        if total >= self.prompt["context_length"]:
+            raise PromptError(f"prompt takes {total} tokens (image included); {self.path.name} was exported with a context of {self.prompt['context_length']}")
+        return after
+
+    def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
+        from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_text_input, make_token_input
+
+        from .parity import captured_native_output, native_error
+
+        self.check_length(prompt)
+        inputs = [
+            make_token_input(list(self.prompt["before_image_ids"])),
+            make_image_input(self.image_tensor(image)),
+            make_text_input(self.prompt["after_image"].replace(self.prompt["prompt_slot"], prompt)),
+        ]
+        config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, echo=False)
+        self.printed_form = False
+        with captured_native_output() as output:
+            self.runner.reset()
+            try:
+                text = self.runner.generate_text(inputs, config)
+            except RuntimeError:
+                raise native_error(f"{self.path}: MultimodalRunner failed", output) from None
+            except UnicodeDecodeError:
+                # The answer's bytes are not valid UTF-8 (a byte-level token split a character) and
+                # the Python binding refuses to return them; the runner has printed them already.
+                self.printed_form = True
+        if self.printed_form:
+            # The runner prints each piece, then "\n", then "PyTorchObserver {...}\n".
+            text = output.stdout.split(b"PyTorchObserver ", 1)[0].removesuffix(b"\n").decode("utf-8", "replace")
+        # The runner does not stop when the very first (prefill) token is EOS: cut at the first stop.
+        for stop in self.prompt["stop_strings"]:
+            text = text.split(stop)[0]
+        return text
+
+    def printed_text(self, token_ids: list[int]) -> str:
+        """What the runner prints for these tokens: each piece through ExecuTorch's `safe_printf`,
+        which drops single-byte pieces that are neither printable nor whitespace."""
+        pieces = [self.tokenizer.token_bytes(t) for t in token_ids]
+        kept = [p for p in pieces if len(p) != 1 or 0x20 <= p[0] <= 0x7E or p[0] in b"\t\n\v\f\r"]
+        return b"".join(kept).decode("utf-8", "replace")
+
+    def forced_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[torch.Tensor]:
+        after = self.check_length(prompt)
+        chunks = [
+            self.embedding.execute([torch.tensor([self.prompt["before_image_ids"]])])[0],
+            self.vision.execute([self.image_tensor(image)])[0],
+            self.embedding.execute([torch.tensor([after])])[0],
+        ]
+        pos, logits = 0, []
+        for chunk in chunks:
+            n = chunk.shape[1]
+            out = self.decoder.execute([chunk, torch.arange(pos, pos + n)])[0]
+            pos += n
+        logits.append(out[0].clone())
+        for token in tokens:
+            embeds = self.embedding.execute([torch.tensor([[token]])])[0]
+            logits.append(self.decoder.execute([embeds, torch.tensor([pos])])[0][0].clone())
+            pos += 1
+        return logits

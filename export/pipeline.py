@@ -1,0 +1,126 @@
+"""`mobilevlm export`: checkpoint -> quantize -> lower -> verify in the runtime -> bundle.
+
+One short linear function. Everything is checked before the expensive work starts (the model loads,
+the recipes parse, the output folder is free), the bundle is built in a temporary folder, and an
+export whose fp32 artifact does not reproduce the reference answers fails and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mobilevlm.checkpoint import load_model, load_processor
+from mobilevlm.errors import ExportError
+from mobilevlm.fileio import OutputError, atomic_folder
+
+from .bundle import finalize_manifest, new_manifest, write_tokenizer
+from .parity import compare, parity_cases
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    suffix: str
+    parse_recipe: Callable[[str], object]
+    export: Callable  # (model, processor, recipe, path, context_length) -> report
+    session: Callable  # (root, artifact entry, manifest) -> ArtifactSession
+    runtime: str
+
+
+def _executorch() -> Backend:
+    from .executorch import ExecuTorchSession, export_executorch
+    from .quantize import parse_recipe
+
+    return Backend("executorch", ".pte", parse_recipe, export_executorch, ExecuTorchSession, "executorch.extension.llm.runner.MultimodalRunner (C++), XNNPACK")
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"executorch": _executorch}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ExportError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def default_model_dir() -> Path:
+    """The reference model shipped inside the package (trained by `mobilevlm train --recipe tiny`)."""
+    return Path(__file__).resolve().parent.parent / "mobilevlm" / "reference_model"
+
+
+def export_bundle(
+    out: Path,
+    backend: str = "executorch",
+    recipes: tuple[str, ...] = ("fp32",),
+    model_dir: Path | None = None,
+    force: bool = False,
+    context_length: int | None = None,
+    num_parity_cases: int = 8,
+    eval_scenes: int = 20,
+    eval_seed: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    out = Path(out)
+    chosen = get_backend(backend)
+    parsed = [chosen.parse_recipe(r) for r in recipes]
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (pass --force to replace it)")
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    context = context_length or model.config.text.max_seq_len
+    cases = parity_cases(num_parity_cases)
+    with atomic_folder(out, overwrite=force) as tmp:
+        manifest = new_manifest(model, processor, str(model_dir), context)
+        write_tokenizer(tmp, processor)
+        (tmp / "parity").mkdir()
+        for case in cases:
+            case.image().save(tmp / "parity" / f"{case.id}.png")
+        manifest["parity"]["cases"] = [{"id": c.id, "image": f"parity/{c.id}.png", "question": c.question, "max_new_tokens": c.max_new_tokens, "scene_seed": c.seed} for c in cases]
+        reference_eval = None
+        for recipe in parsed:
+            file = f"model-{recipe.name}{chosen.suffix}"
+            log(f"{backend} {recipe.name}: exporting {model_dir} ...")
+            report = chosen.export(model, processor, recipe, tmp / file, context)
+            artifact = {
+                "name": f"{backend}-{recipe.name}",
+                "backend": backend,
+                "file": file,
+                "runtime": chosen.runtime,
+                "quantization": recipe.describe(),
+                "size_bytes": report.size_bytes,
+                "export_seconds": round(report.seconds, 1),
+                "methods": report.methods,
+                "metadata": report.metadata,
+            }
+            log(f"{backend} {recipe.name}: {report.size_bytes / 1e6:.1f} MB in {report.seconds:.0f} s; checking parity in the runtime ...")
+            session = chosen.session(tmp, artifact, manifest)
+            if eval_scenes and reference_eval is None:
+                from mobilevlm.evaluate import ReferenceAnswerer, evaluate
+
+                reference_eval = evaluate(ReferenceAnswerer(model, processor), eval_seed, eval_scenes, progress=False)
+            started = time.time()
+            parity = compare(session, model, processor, cases, eval_scenes, eval_seed, reference_eval)
+            parity["seconds"] = round(time.time() - started, 1)
+            artifact["parity"] = parity
+            manifest["artifacts"].append(artifact)
+            log(_parity_line(artifact))
+            if recipe.name == "fp32" and parity["answers_identical"] != parity["num_cases"]:
+                bad = next(r for r in parity["cases"] if not r["match"])
+                raise ExportError(
+                    f"{backend} fp32 parity is broken: {parity['answers_identical']}/{parity['num_cases']} answers equal the reference "
+                    f"(first difference, {bad['case']}: reference {bad['reference']!r}, artifact {bad['artifact']!r}); no bundle written"
+                )
+        finalize_manifest(tmp, manifest)
+    log(f"wrote {out}")
+    return out
+
+
+def _parity_line(artifact: dict) -> str:
+    p = artifact["parity"]
+    line = f"{artifact['name']}: {p['answers_identical']}/{p['num_cases']} answers identical, token agreement {100 * p['token_agreement']:.1f}%, first-token logit error {p['first_logit_max_abs_error']:.2e}"
+    if "task" in p:
+        line += f", accuracy {100 * p['task']['artifact']['closed_ended_accuracy']:.1f}% (reference {100 * p['task']['reference']['closed_ended_accuracy']:.1f}%)"
+    return line
