@@ -22,15 +22,18 @@ from .machine import machine_facts
 
 SCHEMA = "mobilevlm-bench/1"
 TARGETS = ("host",)
-MEASURED_BACKENDS = ("executorch",)
+def measured_backends() -> set[str]:
+    """Backends with a contender module in benchmarks/contenders/."""
+    return {p.stem for p in (Path(__file__).parent / "contenders").glob("*.py") if p.stem not in ("__init__", "pytorch")}
 
 
 def contenders(bundle, model_dir: Path | None) -> list[tuple[str, str | None]]:
     """(contender, reason it is skipped or None)."""
     source = model_dir or Path(bundle.manifest["model"]["source"])
     found = [("pytorch", None if (source / "config.json").is_file() else f"reference checkpoint {source} is not on this machine (pass --model)")]
+    backends = measured_backends()
     for artifact in bundle.artifacts():
-        reason = None if artifact["backend"] in MEASURED_BACKENDS else f"no {artifact['backend']} benchmark worker yet"
+        reason = None if artifact["backend"] in backends else f"no {artifact['backend']} benchmark contender yet"
         found.append((artifact["name"], reason))
     return found
 

@@ -12,6 +12,7 @@ precedes repeated runs; each figure is reported as median, min and max.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -27,57 +28,18 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-class PyTorchContender:
-    name = "pytorch"
-    backend = "pytorch"
-
-    def __init__(self, bundle, model_dir: Path, context: int):
-        from mobilevlm import load_model
-
-        self.model = load_model(model_dir)
-        self.model.setup_cache(1, context)
-        self.file_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-        v = self.model.config.vision
-        self.mean, self.std = torch.tensor(v.image_mean).view(1, 3, 1, 1), torch.tensor(v.image_std).view(1, 3, 1, 1)
-
-    @torch.inference_mode()
-    def encode(self, image_u8: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image((image_u8.float() / 255 - self.mean) / self.std)
-
-    @torch.inference_mode()
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(ids)
-
-    @torch.inference_mode()
-    def decode(self, embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(embeds, pos)[0, -1]
+def contender_module(bundle, name: str):
+    """benchmarks/contenders/<backend>.py: its `Contender(bundle, artifact or model dir)` exposes
+    encode / embed / decode (the three model methods), `name`, `backend` and `file_bytes`."""
+    backend = "pytorch" if name == "pytorch" else bundle.artifact(name)["backend"]
+    return importlib.import_module(f"mobilevlm.benchmarks.contenders.{backend}")
 
 
-class ExecuTorchContender:
-    backend = "executorch"
-
-    def __init__(self, bundle, artifact: dict):
-        from mobilevlm.export.executorch import load_runtime_kernels
-
-        load_runtime_kernels()
-        from executorch.runtime import Runtime
-
-        path = bundle.path(artifact["file"])
-        self.name, self.file_bytes = artifact["name"], path.stat().st_size
-        runtime = Runtime.get()
-        encoders = runtime.load_program(str(path))
-        self.vision = encoders.load_method("vision_encoder")
-        self.embedding = encoders.load_method("token_embedding")
-        self.decoder = runtime.load_program(str(path)).load_method("text_decoder")  # own memory plan
-
-    def encode(self, image_u8):
-        return self.vision.execute([image_u8])[0]
-
-    def embed(self, ids):
-        return self.embedding.execute([ids])[0]
-
-    def decode(self, embeds, pos):
-        return self.decoder.execute([embeds, pos])[0][0]
+def load_contender(bundle, name: str, model_dir: Path | None):
+    module = contender_module(bundle, name)
+    if name == "pytorch":
+        return module.Contender(bundle, model_dir or Path(bundle.manifest["model"]["source"]))
+    return module.Contender(bundle, bundle.artifact(name))
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -157,15 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     case = manifest["parity"]["cases"][0]
     image_u8 = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"]).prepare_image(Image.open(bundle.path(case["image"]))).unsqueeze(0).contiguous()
     tokenizer = Tokenizer(bundle.path(manifest["tokenizer"]["file"]))
-    if args.contender != "pytorch":
-        from mobilevlm.export.executorch import load_runtime_kernels
-
-        load_runtime_kernels()  # library start-up, not model load: kept out of load_s
+    module = contender_module(bundle, args.contender)
+    if hasattr(module, "prepare"):
+        module.prepare()  # runtime library start-up, not model load: kept out of load_s
     started = time.perf_counter()
-    if args.contender == "pytorch":
-        contender = PyTorchContender(bundle, args.model or Path(manifest["model"]["source"]), manifest["prompt"]["context_length"])
-    else:
-        contender = ExecuTorchContender(bundle, bundle.artifact(args.contender))
+    contender = load_contender(bundle, args.contender, args.model)
     load_s = time.perf_counter() - started
     metrics = measure(contender, manifest, image_u8, case["question"], [int(x) for x in args.prompt_lengths.split(",") if x], args.repeats, args.warmup, args.decode_tokens, tokenizer)
     metrics["load_s"] = load_s

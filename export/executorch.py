@@ -334,3 +334,10 @@ class ExecuTorchSession:
             logits.append(self.decoder.execute([embeds, torch.tensor([pos])])[0][0].clone())
             pos += 1
         return logits
+
+
+def backend():
+    from .pipeline import Backend
+    from .quantize import parse_recipe
+
+    return Backend("executorch", ".pte", parse_recipe, export_executorch, ExecuTorchSession, "executorch.extension.llm.runner.MultimodalRunner (C++), XNNPACK")

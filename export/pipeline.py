@@ -22,28 +22,38 @@ from .parity import compare, parity_cases
 
 @dataclass(frozen=True)
 class Backend:
+    """What the pipeline needs from a backend module (each module's `backend()` returns one)."""
+
     name: str
     suffix: str
-    parse_recipe: Callable[[str], object]
-    export: Callable  # (model, processor, recipe, path, context_length) -> report
-    session: Callable  # (root, artifact entry, manifest) -> ArtifactSession
-    runtime: str
+    parse_recipe: Callable[[str], object]  # recipe name -> recipe with `.name` and `.describe()`
+    export: Callable  # (model, processor, recipe, path, context_length) -> report (.size_bytes, .seconds, .methods, .metadata)
+    session: Callable  # (bundle root, artifact entry, manifest) -> ArtifactSession (see parity.py)
+    runtime: str  # the runtime that runs the artifact, as recorded in the manifest
 
 
-def _executorch() -> Backend:
-    from .executorch import ExecuTorchSession, export_executorch
-    from .quantize import parse_recipe
-
-    return Backend("executorch", ".pte", parse_recipe, export_executorch, ExecuTorchSession, "executorch.extension.llm.runner.MultimodalRunner (C++), XNNPACK")
-
-
-BACKENDS: dict[str, Callable[[], Backend]] = {"executorch": _executorch}
+# Backend name -> module exposing `backend()`; imported only when asked for.
+BACKENDS: dict[str, str] = {
+    "executorch": "mobilevlm.export.executorch",
+    "onnx": "mobilevlm.export.onnx",
+    "coreml": "mobilevlm.export.coreml",
+    "gguf": "mobilevlm.export.gguf",
+}
 
 
 def get_backend(name: str) -> Backend:
+    import importlib
+
     if name not in BACKENDS:
         raise ExportError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+    entry = BACKENDS[name]
+    if callable(entry):
+        return entry()
+    try:
+        module = importlib.import_module(entry)
+    except ModuleNotFoundError as exc:
+        raise ExportError(f"backend {name!r} is not available: {exc.name} is not installed (see the README's extras)") from None
+    return module.backend()
 
 
 def default_model_dir() -> Path:

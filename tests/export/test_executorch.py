@@ -90,10 +90,8 @@ def test_existing_bundle_needs_force(tmp_path, micro_checkpoint):
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, micro_checkpoint, monkeypatch):
-    real = pipeline._executorch
-
     def failing_backend():
-        backend = real()
+        backend = pipeline.get_backend("executorch")
 
         def export_then_die(model, processor, recipe, path, context):
             path.write_bytes(b"half a program")

@@ -1,0 +1,1 @@
+"""One module per backend with a `Contender` class the benchmark worker times."""
