@@ -98,8 +98,18 @@ def load_model(folder: str | Path, vision_tower: str | Path | None = None, allow
         weights = read_weights(folder, allow_pickle)
         config = _published_config(folder, data, vision_tower, {k: list(v.shape) for k, v in weights.items()})
         weights = _map_published_weights(weights, config, folder, data, vision_tower, allow_pickle)
-    model = MobileVLM(config)
-    load_state_dict_checked(model, weights, str(folder))
+    return build_model(config, weights, str(folder))
+
+
+def build_model(config: MobileVLMConfig, weights: dict[str, torch.Tensor], source: str) -> MobileVLM:
+    """A model holding exactly `weights` (checked). It is built on the meta device and the loaded
+    tensors are assigned, not copied, so a checkpoint needs its own size in memory once, not twice."""
+    with torch.device("meta"):
+        model = MobileVLM(config)
+    load_state_dict_checked(model, weights, source, assign=True)
+    if config.text.tie_word_embeddings:
+        model.text.lm_head.weight = model.text.embed_tokens.weight
+    model.text.init_buffers()
     return model.eval()
 
 
@@ -181,7 +191,7 @@ def _check_tensor(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
     """Load weights strictly; any missing, unexpected or mis-shaped tensor is listed in the error."""
     expected = model.state_dict()
     tied = getattr(getattr(model, "config", None), "text", None)
@@ -197,7 +207,7 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Ten
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source}: weights do not match the model config; " + "; ".join(problems))
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict(weights, strict=False, assign=assign)
 
 
 # --- published MobileVLM / LLaVA folders ---------------------------------------------------------

@@ -137,10 +137,16 @@ class TextDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the derived buffers: rotary tables, and an empty cache mask. Also called after
+        weights are loaded into a model built on the meta device (they are not in checkpoints)."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        device = self.embed_tokens.weight.device
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool, device=device), persistent=False)
 
     @property
     def cache_len(self) -> int:
