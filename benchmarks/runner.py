@@ -63,7 +63,7 @@ def run_bench(
             continue
         artifact = bundle.artifact(name) if name != "pytorch" else None
         for n in threads:
-            record = {**base, "contender": name, "backend": artifact["backend"] if artifact else "pytorch",
+            record = {**base, "contender": name, "backend": artifact["backend"] if artifact else "pytorch", "model_config": bundle.manifest["model"]["config"],
                       "quantization": artifact["quantization"]["recipe"] if artifact else "fp32 (eager)", "threads": n,
                       "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             if artifact:

@@ -244,16 +244,16 @@ class ExecuTorchSession:
 
         from .parity import captured_native_output, native_error
 
-        load_runtime_kernels()
-        from executorch.extension.llm.runner import MultimodalRunner
-        from executorch.runtime import Runtime
-
         self.path = Path(root) / artifact["file"]
         self.prompt = manifest["prompt"]
         pre = manifest["preprocessing"]
         self.image_processor = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"])
         self.tokenizer = Tokenizer(Path(root) / manifest["tokenizer"]["file"])
         with captured_native_output() as output:
+            load_runtime_kernels()
+            from executorch.extension.llm.runner import MultimodalRunner
+            from executorch.runtime import Runtime
+
             try:
                 self.runner = MultimodalRunner(str(self.path), str(root))
                 runtime = Runtime.get()

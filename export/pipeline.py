@@ -134,3 +134,14 @@ def _parity_line(artifact: dict) -> str:
     if "task" in p:
         line += f", accuracy {100 * p['task']['artifact']['closed_ended_accuracy']:.1f}% (reference {100 * p['task']['reference']['closed_ended_accuracy']:.1f}%)"
     return line
+
+
+def open_session(bundle_dir: Path, artifact_name: str | None = None):
+    """An artifact of a bundle, ready to answer, as an app would run it: (session, artifact entry)."""
+    from .bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if not bundle.manifest["artifacts"]:
+        raise ExportError(f"{bundle.root}: the bundle has no artifacts")
+    artifact = bundle.artifact(artifact_name) if artifact_name else bundle.manifest["artifacts"][0]
+    return get_backend(artifact["backend"]).session(bundle.root, artifact, bundle.manifest), artifact

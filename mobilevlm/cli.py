@@ -32,10 +32,34 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint folder (ours, or a published MobileVLM / LLaVA folder)")
+def add_model_arguments(parser: argparse.ArgumentParser, bundles: bool = False) -> None:
+    parser.add_argument("--model", type=Path, help="checkpoint folder (ours, or a published MobileVLM / LLaVA folder); default: the shipped reference model")
     parser.add_argument("--vision-tower", type=Path, help="separate CLIP folder for checkpoints that do not embed the vision weights")
     parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weight files (read with weights_only)")
+    if bundles:
+        parser.add_argument("--bundle", type=Path, help="run an exported artifact of this bundle instead of the PyTorch model")
+        parser.add_argument("--artifact", help="artifact name in the bundle (default: its first)")
+
+
+def answerer_from_args(args: argparse.Namespace):
+    """The PyTorch reference (--model) or an exported artifact in its runtime (--bundle)."""
+    if getattr(args, "bundle", None):
+        if args.model:
+            raise MobileVLMError("give --model or --bundle, not both")
+        from .export.pipeline import open_session
+
+        return open_session(args.bundle, args.artifact)[0]
+    from .checkpoint import load_model, load_processor
+    from .evaluate import ReferenceAnswerer
+
+    model_dir = args.model or default_model_dir()
+    return ReferenceAnswerer(load_model(model_dir, args.vision_tower, args.allow_pickle), load_processor(model_dir, args.vision_tower))
+
+
+def default_model_dir() -> Path:
+    from .export.pipeline import default_model_dir as shipped
+
+    return shipped()
 
 
 def set_threads(threads: int | None) -> None:
@@ -51,7 +75,7 @@ class Generate:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_model_arguments(parser)
+        add_model_arguments(parser, bundles=True)
         parser.add_argument("--image", type=Path, required=True)
         parser.add_argument("--prompt", required=True)
         parser.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -62,18 +86,22 @@ class Generate:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .checkpoint import load_model, load_processor
         from .generate import generate_stream
-        from .processing import check_prompt
+        from .processing import check_prompt, load_image
 
         set_threads(args.threads)
         if not 0 < args.top_p <= 1 or args.temperature < 0:
             raise MobileVLMError(f"--top-p must be in (0, 1] and --temperature >= 0 (got {args.top_p}, {args.temperature})")
         prompt = check_prompt(args.prompt)
-        model = load_model(args.model, args.vision_tower, args.allow_pickle)
-        processor = load_processor(args.model, args.vision_tower)
+        image = load_image(args.image)
+        answerer = answerer_from_args(args)
+        if args.bundle:
+            if args.temperature > 0:
+                raise MobileVLMError("--bundle runs greedy decoding only (--temperature 0)")
+            print(answerer.answer(image, prompt, args.max_new_tokens))
+            return 0
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        for piece in generate_stream(model, processor, args.image, prompt, **sampling):
+        for piece in generate_stream(answerer.model, answerer.processor, image, prompt, **sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -181,7 +209,7 @@ class Evaluate:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_model_arguments(parser)
+        add_model_arguments(parser, bundles=True)
         parser.add_argument("--seed", type=int, help="first test-split scene seed (values below the test range are offsets into it)")
         parser.add_argument("--num", type=positive_int, default=100, help="number of scenes")
         parser.add_argument("--json", type=Path, help="write the full result here")
@@ -189,15 +217,13 @@ class Evaluate:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .checkpoint import load_model, load_processor
-        from .evaluate import ReferenceAnswerer, eval_seeds, evaluate, summary_lines
+        from .evaluate import eval_seeds, evaluate, summary_lines
         from .fileio import write_json
 
         set_threads(args.threads)
         eval_seeds(args.seed, args.num)  # refuse a bad range before loading anything
-        answerer = ReferenceAnswerer(load_model(args.model, args.vision_tower, args.allow_pickle), load_processor(args.model, args.vision_tower))
-        result = evaluate(answerer, args.seed, args.num)
-        result["model"] = str(args.model)
+        result = evaluate(answerer_from_args(args), args.seed, args.num)
+        result["model"] = str(args.bundle or args.model or default_model_dir()) + (f" ({args.artifact})" if args.bundle and args.artifact else "")
         print("\n".join(summary_lines(result)))
         if args.json:
             write_json(args.json, result)
@@ -256,6 +282,8 @@ class Bench:
         parser.add_argument("--decode-tokens", type=positive_int, default=32)
         parser.add_argument("--model", type=Path, help="reference checkpoint (default: the one the bundle was exported from)")
         parser.add_argument("--only", help="comma-separated contenders to run (pytorch or artifact names)")
+        parser.add_argument("--project", help="comma-separated devices to project the measured records onto (list: python -m mobilevlm.benchmarks.projection --devices)")
+        parser.add_argument("--project-threads", type=int_list, default=(4,), help="thread counts for the projected records")
         parser.add_argument("--results", type=Path, default=Path("results.jsonl"), help="JSON records are appended here")
         parser.add_argument("--report", type=Path, help="also write the Markdown table here")
 
@@ -266,7 +294,17 @@ class Bench:
         from .fileio import atomic_file
 
         only = tuple(x.strip() for x in args.only.split(",")) if args.only else ()
+        devices = [d.strip() for d in args.project.split(",") if d.strip()] if args.project else []
+        if devices:  # a bad device name fails before the long run
+            from .benchmarks.devices import get_device
+
+            for device in devices:
+                get_device(device)
         records = run_bench(args.bundle, args.target, args.threads, args.prompt_lengths, args.repeats, args.warmup, args.decode_tokens, args.model, only)
+        if devices:
+            from .benchmarks.projection import project_records
+
+            records += project_records(records, devices, args.project_threads)
         append_records(args.results, records)
         table = markdown_table(records)
         print(table)
@@ -276,6 +314,24 @@ class Bench:
         failed = [r["contender"] for r in records if "error" in r]
         if failed:
             raise MobileVLMError(f"benchmark failed for {', '.join(failed)}: " + "; ".join(r["error"] for r in records if "error" in r))
+        return 0
+
+
+@command("report")
+class Report:
+    """Markdown report and PNG charts from a results.jsonl (measured, emulated and projected records)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("results", type=Path)
+        parser.add_argument("--out", type=Path, help="output folder (default: RESULTS-report beside the results file)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks.report import report_main
+
+        for path in report_main(args.results, args.out):
+            print(path)
         return 0
 
 
@@ -291,8 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter off the terminal: torchao's optional-kernel notices, torch's deprecation
+    warnings during export. `--debug` leaves them on."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torch._export", "torch.export", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(Mutation on a buffer|is newer than|TracerWarning|Converting a tensor).*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
     try:
         return args.run(args)
     except MobileVLMError as exc:

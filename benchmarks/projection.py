@@ -1,0 +1,615 @@
+"""Roofline projection of a model's latency on a device, validated against published measurements.
+
+    decode s/token = (weight bytes + KV-cache bytes read per token) / (device GB/s x bandwidth eff.)
+                     + decode MACs / (peak MACs/s of the cores used x gemv eff.)
+    prefill s      = prompt MACs / (peak x gemm eff.) + weight bytes / effective bandwidth
+    image encode s = vision MACs / (peak at the vision precision x encode eff.)
+    TTFT           = image encode + prefill of the whole prompt (image tokens included)
+
+Bytes come from the model config and the quantization recipe (`weight_format`: bits per weight
+including scales, per tensor class: block linears, output head, one embedding row, vision weights).
+Peaks come from the device profile (cores used fastest first, per-cycle MACs of each core type).
+
+The efficiency factors belong to a runtime (`PROFILES`), not to a device: they are solved from the
+published figures marked `calibration` below (geometric mean when several), and every other
+published figure is `held-out`: `validate()` projects each and reports the error. The projection of
+one of our own artifacts uses the profile of its runtime family, scaled by how our artifact compares
+with that runtime on this host when both were measured here (`host_calibration`, from results.jsonl).
+
+    python -m mobilevlm.benchmarks.projection        # the validation table and the device table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from mobilevlm.config import PRESETS, MobileVLMConfig, TextConfig
+from mobilevlm.errors import MobileVLMError
+
+from .devices import Device, get_device
+
+# --- bytes per weight ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Bits per weight, scales included, for each tensor class; the arithmetic precision of the kernels."""
+
+    name: str
+    linear_bits: float  # attention and MLP linears of the decoder blocks
+    head_bits: float  # output projection (read whole for every token)
+    embedding_bits: float  # one embedding row is read per token
+    vision_bits: float  # vision encoder and projector
+    compute: str  # precision of decoder matmuls: int8 (dynamic activation quantization), fp16, fp32
+    vision_compute: str
+    kv_bytes: int  # bytes per cached K / V element
+    i8mm: bool = True  # kernels use SMMLA where the cores have it
+
+
+# llama.cpp block formats (ggml-common.h): Q4_0 = 18 bytes / 32 weights, Q8_0 = 34 / 32, Q4_K = 144 / 256,
+# Q5_K = 176 / 256, Q6_K = 210 / 256. llama.cpp's quantizer writes the output head as Q6_K (except for
+# Q8_0), keeps the mmproj (vision) file in f16 and the KV cache in f16.
+Q4_0, Q8_0, Q4_K, Q6_K = 4.5, 8.5, 4.5, 6.5625
+# Q4_K_S: Q4_K with ffn_down of the first n_layer/8 layers and attn_v of the first 4 layers in Q5_K:
+# +0.04 bit/weight for the MobileLLaMA shapes. Q4_K_M: attn_v and ffn_down of about half the layers
+# in Q6_K (llama.cpp's use_more_bits rule): +0.32 bit/weight. Both checked against llama.cpp's
+# published LLaMA-7B sizes (Q4_K_S 3.59 GiB = 4.58 bpw, Q4_K_M 3.80 GiB = 4.84 bpw, all tensors).
+Q4_K_S, Q4_K_M = 4.54, 4.82
+
+
+def weight_format(recipe: str) -> WeightFormat:
+    """Our recipes (export/quantize.py, export/gguf.py) and the published runtimes' ones."""
+    r = recipe.strip().lower().replace("fp32 (eager)", "fp32")
+    r = re.sub(r"-opset\d+|-ort$", "", r) if r.startswith(("fp32-", "fp16-")) else r
+    if r in ("fp32", "f32"):
+        return WeightFormat(r, 32, 32, 32, 32, "fp32", "fp32", 4, False)
+    if r in ("fp16", "f16", "bf16"):
+        return WeightFormat(r, 16, 16, 16, 16, "fp16", "fp16", 2, False)
+    gguf = {"q4_0": (Q4_0, Q6_K), "q4_k_s": (Q4_K_S, Q6_K), "q4_k_m": (Q4_K_M, Q6_K), "q8_0": (Q8_0, Q8_0)}
+    if r in gguf:
+        linear, head = gguf[r]
+        return WeightFormat(r, linear, head, linear, 16, "int8", "fp16", 2, False)
+    if r in ("8da8w",):
+        return WeightFormat(r, 8, 8, 8, 8, "int8", "int8", 4)
+    if r == "et-spinquant":
+        # ExecuTorch's Llama 3.2 quantized recipe: 8da4w group 32 (fp32 scales) in the blocks,
+        # 8-bit per-channel output head, 8-bit embeddings; its 1B .pte (1,083 MiB) matches this count.
+        return WeightFormat(r, 4 + 32 / 32, 8, 8, 32, "int8", "fp32", 4)
+    match = re.fullmatch(r"8da4w(?:-g(\d+))?(?:-(emb8|emb4|embfp))?(-vis8)?", r)
+    if match:
+        # torchao's 8da4w lowered to XNNPACK keeps one fp32 scale per group: 4 + 32 / group bits.
+        group = int(match.group(1) or 128)
+        bits = 4 + 32 / group
+        embedding = {"emb8": 9.0, "emb4": 5.0, "embfp": 32.0}[match.group(2) or "emb8"]
+        vision8 = bool(match.group(3))
+        return WeightFormat(r, bits, bits, embedding, 8 if vision8 else 32, "int8", "int8" if vision8 else "fp32", 4)
+    match = re.fullmatch(r"int4(?:-b(\d+))?(?:-acc\d)?(-sym)?(?:-(emb4|embfp))?(-vis8)?(?:-opset\d+)?(-ort)?", r)
+    if match:
+        # ONNX MatMulNBits / Core ML blockwise int4: one fp32 (ORT) scale per block, plus a 4-bit zero
+        # point when asymmetric; arithmetic with int8 activations (accuracy_level 4) or fp32
+        block = int(match.group(1) or 32)
+        bits = 4 + (32 + (0 if match.group(2) else 4)) / block
+        embedding = {"emb4": 4 + 32 / block, "embfp": 32.0}.get(match.group(3) or "", 32.0)
+        return WeightFormat(r, bits, bits, embedding, 8 if match.group(4) else 32, "int8", "int8" if match.group(4) else "fp32", 4)
+    match = re.fullmatch(r"int8(?:-b(\d+))?(?:-(emb4|embfp))?(?:-opset\d+)?(-ort)?", r)
+    if match:  # ONNX MatMulInteger per-channel / Core ML int8 per-block
+        bits = 8 + (32 / int(match.group(1)) if match.group(1) else 0)
+        return WeightFormat(r, bits, bits, bits, bits, "int8", "int8", 4)
+    match = re.fullmatch(r"palettize4(?:-g(\d+))?", r)
+    if match:  # Core ML 4-bit lookup tables: the table is negligible, arithmetic in fp16 after the lookup
+        return WeightFormat(r, 4, 4, 4, 16, "fp16", "fp16", 2, False)
+    raise MobileVLMError(f"unknown quantization recipe {recipe!r} for the projection; expected fp32, fp16, bf16, q4_0, q4_k_s, "
+                         "q4_k_m, q8_0, 8da8w, 8da4w[-gN][-emb8|-emb4|-embfp][-vis8], int4[-bN]..., int8[-bN]..., palettize4[-gN] or et-spinquant")
+
+
+# --- counting --------------------------------------------------------------------------------------
+
+
+def block_linear_params(t: TextConfig) -> int:
+    kv = t.num_kv_heads * t.head_dim
+    return 2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
+
+
+@dataclass(frozen=True)
+class DecodeCount:
+    weight_bytes: float
+    kv_bytes: float
+    macs: float
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+
+def decode_count(t: TextConfig, fmt: WeightFormat, context: int) -> DecodeCount:
+    """Bytes read and MACs for one decoded token with `context` positions in the cache."""
+    linear = t.num_layers * block_linear_params(t)
+    head = t.vocab_size * t.hidden_size
+    norms = (2 * t.num_layers + 1) * t.hidden_size * 4
+    weights = linear * fmt.linear_bits / 8 + head * fmt.head_bits / 8 + t.hidden_size * fmt.embedding_bits / 8 + norms
+    kv_dim = t.num_kv_heads * t.head_dim
+    kv = 2 * t.num_layers * kv_dim * context * fmt.kv_bytes
+    attention = 2 * t.num_layers * t.hidden_size * context  # q.k over every cached position, then p.v
+    return DecodeCount(weights, kv, linear + head + attention)
+
+
+def prefill_macs(t: TextConfig, tokens: int) -> float:
+    """MACs of a causal prefill of `tokens` positions; logits for the last position only."""
+    linear = tokens * t.num_layers * block_linear_params(t)
+    attention = t.num_layers * t.hidden_size * tokens * (tokens + 1)  # causal q.k and p.v
+    return linear + attention + t.vocab_size * t.hidden_size
+
+
+def vision_macs(config: MobileVLMConfig) -> float:
+    """Image encoder (the layers that run up to select_layer) and projector."""
+    v, d = config.vision, config.text.hidden_size
+    tokens = v.num_patches + 1
+    layer = tokens * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 2 * tokens * tokens * v.hidden_size
+    patch = v.num_patches * 3 * v.patch_size**2 * v.hidden_size
+    mlp = v.num_patches * (v.hidden_size * d + d * d)
+    grid = v.grid_size
+    if config.projector.type == "ldp":  # two inverted-residual blocks: pointwise D x D at full, then half resolution
+        extra = grid * grid * d * d + ((grid + 1) // 2) ** 2 * d * d + 9 * grid * grid * d
+    elif config.projector.type == "ldpv2":  # pooling + depthwise 3x3 positional conv
+        extra = 9 * config.projector.pool_size**2 * d
+    else:
+        extra = 0
+    return v.num_layers_used * layer + patch + mlp + extra
+
+
+# --- models named by published figures ---------------------------------------------------------------
+
+LLAMA_3_2_1B = TextConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+                          max_seq_len=2048, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
+LLAMA_3_2_3B = TextConfig(vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192,
+                          max_seq_len=2048, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
+LLAMA_3_8B = TextConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+                        max_seq_len=2048, rope_theta=500000.0, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
+TEXT_MODELS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B}
+
+
+def model_config(name: str) -> tuple[TextConfig, MobileVLMConfig | None]:
+    if name in PRESETS:
+        config = PRESETS[name]
+        return config.text, config
+    if name in TEXT_MODELS:
+        return TEXT_MODELS[name], None
+    raise MobileVLMError(f"unknown model {name!r}; expected one of {', '.join([*PRESETS, *TEXT_MODELS])}")
+
+
+# --- published figures: the calibration and the validation set ---------------------------------------
+
+LLAMA_CPP_MOBILEVLM = "llama.cpp docs/multimodal/MobileVLM.md (github.com/ggml-org/llama.cpp), MobileVLM 1.7B / V2 1.7B, q4_k_s decoder + f16 mmproj"
+EXECUTORCH_LLAMA = "ExecuTorch examples/models/llama/README.md (github.com/pytorch/executorch), 'Performance' tables, prompt length 64, KleidiAI on"
+
+
+@dataclass(frozen=True)
+class PublishedFigure:
+    id: str
+    model: str
+    recipe: str
+    device: str
+    threads: int
+    runtime: str
+    metric: str  # decode_tok_s | prefill_tok_s | encode_s
+    value: float
+    tokens: int  # prompt tokens (prefill) or the average context while decoding
+    role: str  # calibration | held-out
+    source: str
+    note: str = ""
+
+
+# Decode contexts: prompt tokens + half the generated tokens of the logged run. Threads: as logged
+# (-t 4 on the phones; llama.cpp's default, the physical core count, on the i7; ExecuTorch's runner
+# default, its "performant" cores = the 6 non-little cores of the Snapdragon 8 Gen 3).
+PUBLISHED: tuple[PublishedFigure, ...] = (
+    PublishedFigure("sd888-encode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "encode_s", 21.149, 0, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd888-prefill", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 19.74, 246, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd888-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "decode_tok_s", 14.12, 249, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd888-paper-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "decode_tok_s", 21.5, 256, "held-out",
+                    "MobileVLM paper (arXiv 2312.16886), abstract and latency table: 21.5 tokens/s on a Snapdragon 888 CPU, 4-bit llama.cpp",
+                    "threads and context not stated (4 and 256 assumed); the same model on the same chip as sd888-decode, 1.5x faster"),
+    PublishedFigure("sd778g-encode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "encode_s", 18.729, 0, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd778g-prefill", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 23.52, 191, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd778g-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "decode_tok_s", 13.92, 198, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd778g-v2-encode", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "encode_s", 20.610, 0, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd778g-v2-prefill", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 21.12, 191, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("sd778g-v2-decode", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "decode_tok_s", 12.83, 284, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-encode", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "encode_s", 2.731, 0, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-prefill", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "prefill_tok_s", 93.52, 190, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-decode", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "decode_tok_s", 27.34, 196, "calibration", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-v2-encode", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "encode_s", 3.224, 0, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-v2-prefill", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "prefill_tok_s", 76.77, 190, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("i7-10750h-v2-decode", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "decode_tok_s", 25.34, 301, "held-out", LLAMA_CPP_MOBILEVLM),
+    PublishedFigure("orin-gpu-encode", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "encode_s", 0.2966, 0, "calibration", LLAMA_CPP_MOBILEVLM, "GPU (--n-gpu-layers 999); Orin variant not named, AGX Orin 64GB assumed"),
+    PublishedFigure("orin-gpu-prefill", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "prefill_tok_s", 801.72, 246, "calibration", LLAMA_CPP_MOBILEVLM, "GPU"),
+    PublishedFigure("orin-gpu-decode", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "decode_tok_s", 65.58, 249, "calibration", LLAMA_CPP_MOBILEVLM, "GPU"),
+    PublishedFigure("orin-gpu-decode-2", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "decode_tok_s", 66.01, 237, "held-out", LLAMA_CPP_MOBILEVLM, "GPU; a second run of the same setup (case 2), so only a repeatability check"),
+    PublishedFigure("op12-1b-spinquant-prefill", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 260.5, 64, "calibration", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-1b-spinquant-decode", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 50.2, 96, "calibration", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-3b-spinquant-prefill", "llama-3.2-3b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 89.7, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-3b-spinquant-decode", "llama-3.2-3b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 19.7, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-1b-qat-lora-decode", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 45.8, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12; QAT+LoRA keeps bf16 LoRA adapters (not counted)"),
+    PublishedFigure("op12-1b-bf16-decode", "llama-3.2-1b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 19.2, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-1b-bf16-prefill", "llama-3.2-1b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 60.3, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-3b-bf16-decode", "llama-3.2-3b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 7.6, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-3b-bf16-prefill", "llama-3.2-3b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 21.2, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
+    PublishedFigure("op12-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.85, 128, "held-out", EXECUTORCH_LLAMA, "OnePlus 12; context not published, 128 assumed"),
+    PublishedFigure("s24-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.91, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S24, US model (Snapdragon 8 Gen 3) assumed"),
+    PublishedFigure("s22-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-1", 4, "executorch-xnnpack", "decode_tok_s", 7.85, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S22, US model (Snapdragon 8 Gen 1) assumed; 4 performant cores"),
+)
+
+
+# --- runtime profiles --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    name: str
+    processor: str  # cpu | gpu
+    description: str
+    i8mm: bool  # whether its int8 kernels use SMMLA on cores that have it
+    static_split: bool = False  # equal work per thread + barrier: every thread runs at the slowest core's pace
+    overhead_ms: float = 0.0  # fixed per decoded token (documented where used)
+
+
+PROFILES: dict[str, RuntimeProfile] = {
+    "llama.cpp-cpu-arm": RuntimeProfile("llama.cpp-cpu-arm", "cpu", "llama.cpp / ggml ARM NEON kernels of early 2024 (the MobileVLM figures): q4_K x q8_K "
+                                        "dot products, prefill as repeated dot products (no GEMM tiling, no i8mm), f16 CLIP; ggml splits each "
+                                        "matmul evenly over the threads and waits at a barrier", False, static_split=True),
+    "llama.cpp-cpu-x86": RuntimeProfile("llama.cpp-cpu-x86", "cpu", "llama.cpp / ggml AVX2 kernels of early 2024: a different code path from ARM's, "
+                                        "so its own efficiencies", False, static_split=True),
+    "llama.cpp-cuda": RuntimeProfile("llama.cpp-cuda", "gpu", "llama.cpp CUDA backend of early 2024 on a Jetson GPU (all layers offloaded)", False),
+    "executorch-xnnpack": RuntimeProfile("executorch-xnnpack", "cpu", "ExecuTorch 0.4+ with XNNPACK and KleidiAI: 8da4w GEMM / GEMV with i8mm, fp32 KV cache, custom SDPA", True),
+}
+
+# Which runtime profile projects an artifact of each of our backends. ONNX Runtime has no published
+# phone figure here: its artifacts borrow the XNNPACK profile (labelled as a proxy in the record).
+BACKEND_PROFILE = {"executorch": "executorch-xnnpack", "gguf": "llama.cpp-cpu-arm", "llama.cpp": "llama.cpp-cpu-arm", "onnx": "executorch-xnnpack"}
+PROXY_BACKENDS = {"onnx"}
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    bandwidth: float  # fraction of theoretical DRAM GB/s reached by the decode read stream
+    gemm: float  # fraction of peak MACs in prefill
+    encode: float  # fraction of peak MACs in the image encoder
+    calibrated_on: tuple[str, ...]
+
+
+def _peak(device: Device, profile: RuntimeProfile, precision: str, threads: int, i8mm: bool) -> float:
+    if profile.processor == "gpu":
+        gpu = device.gpu or {}
+        if not gpu.get("fp16_dense_tflops"):
+            raise MobileVLMError(f"device {device.id} has no GPU throughput in the device data; runtime {profile.name} needs one")
+        return gpu["fp16_dense_tflops"] * 1e12 / 2  # MACs/s, int8 and fp16 both run as fp16 tensor-core math here
+    return device.peak_macs_per_s(precision, threads, i8mm and profile.i8mm, profile.static_split)
+
+
+def _parts(figure_or_args, eff: Efficiency | None = None) -> dict:
+    """The times of each term for a figure under given efficiencies (None: unit efficiency)."""
+    f = figure_or_args
+    text, config = model_config(f.model)
+    fmt = weight_format(f.recipe)
+    device, profile = get_device(f.device), PROFILES[f.runtime]
+    bw = device.memory_gbs * 1e9 * (eff.bandwidth if eff else 1.0)
+    gemm = _peak(device, profile, fmt.compute, f.threads, fmt.i8mm) * (eff.gemm if eff else 1.0)
+    out = {}
+    if f.metric == "encode_s":
+        out["compute"] = vision_macs(config) / (_peak(device, profile, fmt.vision_compute, f.threads, fmt.i8mm) * (eff.encode if eff else 1.0))
+        out["memory"] = 0.0
+    elif f.metric == "prefill_tok_s":
+        out["compute"] = prefill_macs(text, f.tokens) / gemm
+        out["memory"] = decode_count(text, fmt, 0).weight_bytes / bw
+    else:
+        count = decode_count(text, fmt, f.tokens)
+        out["compute"] = count.macs / gemm  # decode matmuls run at the prefill kernels' efficiency
+        out["memory"] = count.bytes / bw
+        out["overhead"] = profile.overhead_ms / 1e3
+    return out
+
+
+def _measured_seconds(f: PublishedFigure) -> float:
+    return f.value if f.metric == "encode_s" else (f.tokens / f.value if f.metric == "prefill_tok_s" else 1 / f.value)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+@lru_cache(maxsize=None)
+def calibrate(runtime: str) -> Efficiency:
+    """Solve the runtime's efficiencies from its `calibration` figures: compute efficiencies first
+    (prefill and encode are compute-bound), then bandwidth from decode time minus its compute part;
+    alternate twice because prefill also reads the weights once."""
+    figures = [f for f in PUBLISHED if f.runtime == runtime and f.role == "calibration"]
+    if not figures:
+        raise MobileVLMError(f"runtime {runtime!r} has no calibration figure")
+    eff = Efficiency(0.5, 0.1, 0.1, tuple(f.id for f in figures))
+    for _ in range(3):
+        gemm = [f for f in figures if f.metric == "prefill_tok_s"]
+        encode = [f for f in figures if f.metric == "encode_s"]
+        decode = [f for f in figures if f.metric == "decode_tok_s"]
+        g = _geomean([(_parts(f, Efficiency(eff.bandwidth, 1, 1, ()))["compute"]) / (_measured_seconds(f) - _parts(f, eff)["memory"]) for f in gemm]) if gemm else eff.gemm
+        # no published encode figure for a runtime: its vision encoder is GEMM work, so the GEMM efficiency stands in
+        e = _geomean([_parts(f)["compute"] / _measured_seconds(f) for f in encode]) if encode else g
+        bws = []
+        for f in decode:
+            parts = _parts(f, Efficiency(1.0, g, e, ()))
+            left = _measured_seconds(f) - parts["compute"] - parts.get("overhead", 0)
+            if left <= 0:
+                raise MobileVLMError(f"{f.id}: compute alone explains the measured decode time; the profile cannot be calibrated on it")
+            bws.append(parts["memory"] / left)
+        b = _geomean(bws) if bws else eff.bandwidth
+        eff = Efficiency(b, g, e, eff.calibrated_on)
+    return eff
+
+
+# --- projection ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Projection:
+    device: str
+    runtime: str
+    model: str
+    recipe: str
+    threads: int
+    encode_s: float | None
+    prefill_tok_s: dict[int, float]
+    decode_tok_s: float
+    ttft_s: float | None
+    prompt_tokens: int
+    decode_bound: str  # memory | compute
+    bytes_per_token: float
+    efficiency: Efficiency
+    notes: list[str] = field(default_factory=list)
+
+
+def project(model: str | MobileVLMConfig, recipe: str, device: str, threads: int, runtime: str,
+            context: int = 256, prompt_lengths: tuple[int, ...] = (16, 64), text_prompt_tokens: int = 64,
+            bandwidth_scale: float = 1.0, model_name: str | None = None) -> Projection:
+    """Project one model (a preset / text-model name or a config) at one recipe on one device."""
+    if runtime not in PROFILES:
+        raise MobileVLMError(f"unknown runtime {runtime!r}; expected one of {', '.join(PROFILES)}")
+    dev = get_device(device)
+    if isinstance(model, MobileVLMConfig):
+        text, config, name = model.text, model, model_name or "bundle model"
+    else:
+        (text, config), name = model_config(model), model
+    fmt, profile, eff = weight_format(recipe), PROFILES[runtime], calibrate(runtime)
+    bw = dev.memory_gbs * 1e9 * eff.bandwidth * bandwidth_scale
+    gemm = _peak(dev, profile, fmt.compute, threads, fmt.i8mm) * eff.gemm
+    count = decode_count(text, fmt, context)
+    t_mem, t_cmp = count.bytes / bw, count.macs / gemm
+    decode_s = t_mem + t_cmp + profile.overhead_ms / 1e3
+    weight_s = decode_count(text, fmt, 0).weight_bytes / bw
+    prefill = {n: n / (prefill_macs(text, n) / gemm + weight_s) for n in prompt_lengths}
+    encode_s = ttft = None
+    prompt = text_prompt_tokens
+    if config is not None:
+        encode_s = vision_macs(config) / (_peak(dev, profile, fmt.vision_compute, threads, fmt.i8mm) * eff.encode)
+        prompt = text_prompt_tokens + config.num_image_tokens
+        ttft = encode_s + prefill_macs(text, prompt) / gemm + weight_s
+    notes = []
+    if dev.kind != "laptop" and profile.processor == "cpu" and threads > dev.cores:
+        notes.append(f"{threads} threads on {dev.cores} cores: extra threads add nothing")
+    return Projection(dev.id, runtime, name, recipe, threads, encode_s, prefill, 1 / decode_s, ttft, prompt,
+                      "memory" if t_mem >= t_cmp else "compute", count.bytes, eff, notes)
+
+
+def project_figure(f: PublishedFigure) -> float:
+    p = project(f.model, f.recipe, f.device, f.threads, f.runtime, context=max(f.tokens, 1), prompt_lengths=(max(f.tokens, 1),))
+    if f.metric == "encode_s":
+        return p.encode_s
+    if f.metric == "prefill_tok_s":
+        return p.prefill_tok_s[f.tokens]
+    return p.decode_tok_s
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    figure: PublishedFigure
+    projected: float
+
+    @property
+    def error(self) -> float:
+        """Signed relative error of the projection against the published figure."""
+        return self.projected / self.figure.value - 1
+
+
+def validate(figures: tuple[PublishedFigure, ...] = PUBLISHED) -> list[ValidationRow]:
+    return list(_validate(figures))
+
+
+@lru_cache(maxsize=8)
+def _validate(figures: tuple[PublishedFigure, ...]) -> tuple[ValidationRow, ...]:
+    return tuple(ValidationRow(f, project_figure(f)) for f in figures)
+
+
+UNITS = {"decode_tok_s": "tok/s", "prefill_tok_s": "tok/s", "encode_s": "s"}
+
+
+def validation_markdown(rows: list[ValidationRow] | None = None) -> str:
+    rows = rows if rows is not None else validate()
+    out = ["| figure | model | recipe | device | threads | runtime | metric | published | projected | error | role |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r.figure
+        flag = "" if abs(r.error) <= 0.25 else " **over 25%**"
+        out.append(f"| {f.id} | {f.model} | {f.recipe} | {f.device} | {f.threads} | {f.runtime} | {f.metric} | {f.value:g} {UNITS[f.metric]} "
+                   f"| {r.projected:.3g} {UNITS[f.metric]} | {100 * r.error:+.1f}%{flag} | {f.role} |")
+    out.append("")
+    for runtime in PROFILES:
+        eff = calibrate(runtime)
+        held = [abs(r.error) for r in rows if r.figure.runtime == runtime and r.figure.role == "held-out"]
+        summary = f"max held-out error {100 * max(held):.0f}%" if held else "no held-out figure"
+        out.append(f"- `{runtime}`: bandwidth efficiency {eff.bandwidth:.3f}, GEMM efficiency {eff.gemm:.3f}, encode efficiency {eff.encode:.3f} "
+                   f"(calibrated on {', '.join(eff.calibrated_on)}); {summary}")
+    sources = sorted({r.figure.source for r in rows})
+    out += ["", "Sources: " + "; ".join(sources)]
+    return "\n".join(out)
+
+
+def held_out_error(runtime: str, metric: str | None = None) -> float | None:
+    """The largest held-out error of a runtime profile (for one metric, or any): the band a projection carries."""
+    errors = [abs(r.error) for r in validate() if r.figure.runtime == runtime and r.figure.role == "held-out" and (metric is None or r.figure.metric == metric)]
+    return max(errors) if errors else None
+
+
+# --- host calibration (from results.jsonl records) -------------------------------------------------------
+
+
+def record_config(record: dict) -> MobileVLMConfig | None:
+    """The model config of a record: its `model_config` field, else its bundle's manifest when the bundle is on this machine."""
+    data = record.get("model_config")
+    if data is None:
+        manifest = Path(record.get("bundle", "")) / "manifest.json"
+        if not manifest.is_file():
+            return None
+        data = json.loads(manifest.read_text()).get("model", {}).get("config")
+    return MobileVLMConfig.from_dict(data, source=f"{record.get('bundle', 'record')}: model config") if data else None
+
+
+CACHE_RESIDENT_BYTES = 64e6
+
+
+def host_calibration(records: list[dict]) -> list[dict]:
+    """What each measured contender reaches on this host: decode GB/s against the host's probed
+    memory bandwidth (benchmarks/machine.py), and prefill GMAC/s. Records of other targets, projected
+    or emulated records, skipped or failed ones are left out."""
+    out = []
+    for r in records:
+        if r.get("projected") or r.get("emulated") or r.get("target") != "host" or "metrics" not in r:
+            continue
+        config = record_config(r)
+        if config is None:
+            continue
+        try:
+            fmt = weight_format(r["quantization"])
+        except MobileVLMError:
+            continue
+        m = r["metrics"]
+        context = int(m.get("prompt_tokens", 0)) + int(m.get("decode_tokens", 0)) // 2
+        decode = m["decode_tok_s"]["median"]
+        gbs = decode * decode_count(config.text, fmt, context).bytes / 1e9
+        probe = r.get("machine", {}).get("memory_bandwidth_gbs")
+        prefill = {int(n): v["median"] * prefill_macs(config.text, int(n)) / int(n) / 1e9 for n, v in m.get("prefill_tok_s", {}).items()}
+        weights = decode_count(config.text, fmt, 0).weight_bytes
+        out.append({"contender": r["contender"], "backend": r["backend"], "quantization": r["quantization"], "threads": r["threads"],
+                    "decode_gbs": gbs, "probe_gbs": probe, "bandwidth_vs_probe": gbs / probe if probe else None,
+                    "prefill_gmacs": prefill, "weight_mb": weights / 1e6,
+                    # weights that fit in the last-level cache never stream from DRAM: not a bandwidth measurement
+                    "cache_resident": weights < CACHE_RESIDENT_BYTES})
+    return out
+
+
+# --- projected records ------------------------------------------------------------------------------------
+
+
+def _spread(value: float | None, band: float | None) -> dict | None:
+    if value is None:
+        return None
+    band = band or 0.0
+    return {"median": value, "min": value * (1 - band), "max": value * (1 + band), "n": 0}
+
+
+def projected_record(base: dict, projection: Projection, note: str = "") -> dict:
+    """A record in the results schema for one projection: `projected: true`, target = the device;
+    min / max are the projection widened by its runtime's largest held-out validation error."""
+    dev = get_device(projection.device)
+    band_decode = held_out_error(projection.runtime, "decode_tok_s")
+    band_prefill = held_out_error(projection.runtime, "prefill_tok_s")
+    band_encode = held_out_error(projection.runtime, "encode_s")
+    metrics = {
+        "image_encode_ms": _spread(projection.encode_s * 1e3 if projection.encode_s is not None else None, band_encode),
+        "ttft_ms": _spread(projection.ttft_s * 1e3 if projection.ttft_s is not None else None, max(filter(None, [band_prefill, band_encode]), default=None)),
+        "prompt_tokens": projection.prompt_tokens,
+        "decode_tok_s": _spread(projection.decode_tok_s, band_decode),
+        "prefill_tok_s": {str(n): _spread(v, band_prefill) for n, v in projection.prefill_tok_s.items()},
+        "load_s": None, "peak_rss_mb": None, "file_mb": base.get("metrics", {}).get("file_mb"),
+    }
+    from .runner import SCHEMA
+
+    return {
+        "schema": SCHEMA, "bundle": base.get("bundle", "-"), "target": dev.id, "emulated": False, "projected": True,
+        "machine": {"cpu": {"model": f"{dev.name} (projected)", "machine": "projection", "flags": list(dev.features), "logical_cores": dev.cores},
+                    "memory_gib": None, "memory_bandwidth_gbs": dev.memory_gbs},
+        "versions": base.get("versions", {}), "git_commit": base.get("git_commit"),
+        "contender": base.get("contender", projection.model), "backend": base.get("backend", projection.runtime),
+        "quantization": projection.recipe, "threads": projection.threads, "parity": base.get("parity"),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "projection": {"runtime": projection.runtime, "device": dev.id, "model": projection.model, "decode_bound": projection.decode_bound,
+                       "bytes_per_token": projection.bytes_per_token,
+                       "efficiency": {"bandwidth": projection.efficiency.bandwidth, "gemm": projection.efficiency.gemm, "encode": projection.efficiency.encode},
+                       "calibrated_on": list(projection.efficiency.calibrated_on),
+                       "max_held_out_error": {"decode_tok_s": band_decode, "prefill_tok_s": band_prefill, "encode_s": band_encode},
+                       "note": "; ".join(filter(None, [note, *projection.notes]))},
+        "metrics": metrics,
+    }
+
+
+def project_records(records: list[dict], devices: list[str], threads: tuple[int, ...] | None = None) -> list[dict]:
+    """Projected records for every measured host record whose backend has a runtime profile, on each device.
+
+    When ExecuTorch's or llama.cpp's own export of the same weights was measured on this host too
+    (a record whose contender starts with `peer-`), our artifact's bandwidth efficiency is scaled by
+    its host ratio to that peer: the device efficiency is the published runtime's, the difference
+    between our artifact and that runtime is what this host measured."""
+    calibrations = {c["contender"]: c for c in host_calibration(records)}
+    out = []
+    for device in devices:
+        get_device(device)  # an unknown device fails before any work
+    for r in records:
+        if r.get("projected") or r.get("emulated") or "metrics" not in r or r.get("target") != "host":
+            continue
+        runtime = BACKEND_PROFILE.get(r["backend"])
+        config = record_config(r)
+        if runtime is None or config is None:
+            continue
+        try:
+            weight_format(r["quantization"])
+        except MobileVLMError:
+            continue
+        scale, note = 1.0, "no peer of this runtime measured on the host: the published runtime's efficiency is used as is"
+        mine = calibrations.get(r["contender"])
+        peers = [c for c in calibrations.values() if c["contender"].startswith("peer-") and BACKEND_PROFILE.get(c["backend"]) == runtime]
+        if mine and peers and mine["bandwidth_vs_probe"] and peers[0]["bandwidth_vs_probe"] and not mine["cache_resident"]:
+            scale = mine["bandwidth_vs_probe"] / peers[0]["bandwidth_vs_probe"]
+            note = f"bandwidth efficiency scaled by {scale:.2f}, this artifact's host decode GB/s relative to {peers[0]['contender']}"
+        if r["backend"] in PROXY_BACKENDS:
+            note = f"proxy: no published {r['backend']} phone figure, projected with the {runtime} profile; " + note
+        m = r["metrics"]
+        lengths = tuple(int(n) for n in m.get("prefill_tok_s", {})) or (16, 64)
+        for device in devices:
+            for n in threads or (4,):
+                p = project(config, r["quantization"], device, n, runtime, context=int(m.get("prompt_tokens", 64)) + int(m.get("decode_tokens", 32)) // 2,
+                            prompt_lengths=lengths, text_prompt_tokens=max(int(m.get("prompt_tokens", 64)) - config.num_image_tokens, 1),
+                            bandwidth_scale=scale, model_name=Path(r.get("bundle", "")).name or "bundle")
+                out.append(projected_record(r, p, note))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .devices import device_table_markdown
+
+    parser = argparse.ArgumentParser(description="Print the projection's validation against published figures, and the device table.")
+    parser.add_argument("--devices", action="store_true", help="also print the device table with sources")
+    args = parser.parse_args(argv)
+    print(validation_markdown())
+    if args.devices:
+        print("\n" + device_table_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
