@@ -73,8 +73,21 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+def _gguf_folder(folder: str | Path) -> bool:
+    """A folder with a GGUF pair (text model + mmproj) and no config.json: read by gguf_import."""
+    if (Path(folder) / "config.json").is_file() or not Path(folder).is_dir():
+        return False
+    from .gguf_import import find_gguf_pair
+
+    return find_gguf_pair(folder) is not None
+
+
 def load_config(folder: str | Path, vision_tower: str | Path | None = None) -> MobileVLMConfig:
     """The model config of any supported folder, validated, without reading weights."""
+    if _gguf_folder(folder):
+        from .gguf_import import load_gguf_config
+
+        return load_gguf_config(folder)
     data = read_config_json(folder)
     source = str(Path(folder) / "config.json")
     if data.get("format") == FORMAT:
@@ -88,8 +101,13 @@ def load_config(folder: str | Path, vision_tower: str | Path | None = None) -> M
 
 
 def load_model(folder: str | Path, vision_tower: str | Path | None = None, allow_pickle: bool = False) -> MobileVLM:
-    """Load our folder, or import a published MobileVLM / LLaVA folder; returns the model in eval mode."""
+    """Load our folder, import a published MobileVLM / LLaVA folder, or read back a GGUF pair
+    (dequantized); returns the model in eval mode."""
     folder = Path(folder)
+    if _gguf_folder(folder):
+        from .gguf_import import load_gguf_model
+
+        return load_gguf_model(folder)
     data = read_config_json(folder)
     if data.get("format") == FORMAT or "mm_projector_type" not in data:
         config = load_config(folder)
@@ -118,6 +136,10 @@ def load_processor(folder: str | Path, vision_tower: str | Path | None = None):
     from .processing import Processor, Tokenizer
 
     path = Path(folder) / TOKENIZER
+    if not path.is_file() and _gguf_folder(folder):
+        from .gguf_import import load_gguf_processor
+
+        return load_gguf_processor(folder)
     if not path.is_file():
         hint = " (found tokenizer.model: save it as tokenizer.json with transformers' AutoTokenizer first)" if (Path(folder) / "tokenizer.model").is_file() else ""
         raise TokenizerError(f"{path}: missing{hint}")
