@@ -80,6 +80,11 @@ def export_bundle(
         raise OutputError(f"{out}: already exists (pass --force to replace it)")
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     model, processor = load_model(model_dir), load_processor(model_dir)
+    if processor.tokenizer.vocab_size != model.config.text.vocab_size:
+        raise ExportError(
+            f"{model_dir}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model {model.config.text.vocab_size} outputs; "
+            "runtimes sample over the tokenizer's ids only, so they must agree (pad the tokenizer with mobilevlm.data.tokenizer.pad_vocabulary)"
+        )
     context = context_length or model.config.text.max_seq_len
     cases = parity_cases(num_parity_cases)
     with atomic_folder(out, overwrite=force) as tmp:

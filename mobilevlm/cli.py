@@ -7,6 +7,7 @@ shows the traceback instead. Subcommands import their heavy dependencies only wh
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -129,7 +130,7 @@ class Init:
 
         from .checkpoint import save_pretrained
         from .config import get_preset
-        from .data.tokenizer import build_tokenizer
+        from .data.tokenizer import build_tokenizer, pad_vocabulary
         from .model import MobileVLM
         from .processing import get_template
 
@@ -138,7 +139,8 @@ class Init:
         model = MobileVLM(config)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = Path(tmp) / "tokenizer.json"
-            build_tokenizer(get_template(config.prompt_template).text, min(config.text.vocab_size, 1024)).save(str(tokenizer))
+            built = build_tokenizer(get_template(config.prompt_template).text, min(config.text.vocab_size, 1024))
+            pad_vocabulary(built, config.text.vocab_size).save(str(tokenizer))
             save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.force)
         print(f"wrote {args.out} ({model.num_parameters():,} parameters, random weights, preset {args.preset})")
         return 0
@@ -190,6 +192,7 @@ class Train:
         parser.add_argument("--force", action="store_true", help="delete an existing run folder and start over")
         parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (1 measured fastest here)")
         parser.add_argument("--save-every", type=positive_int, default=100, help="steps between mid-stage checkpoints")
+        parser.add_argument("--eval-scenes", type=int, default=0, help="afterwards, evaluate the instruct and dpo stages on this many test scenes (OUT/eval.json)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -198,8 +201,12 @@ class Train:
         set_threads(args.threads)
         recipe = get_recipe(args.recipe).select(args.stages.split(",") if args.stages else None)
         final = Trainer(args.out, recipe, resume=args.resume, force=args.force, save_every=args.save_every).run()
-        if int(__import__("os").environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"final model: {final}")
+            if args.eval_scenes:
+                from .train.loop import evaluate_run
+
+                evaluate_run(args.out, args.eval_scenes)
         return 0
 
 

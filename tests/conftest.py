@@ -40,10 +40,11 @@ def micro_config(vocab_size: int = 384, projector: str = "ldpv2", **text_overrid
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
+    from mobilevlm.data.tokenizer import pad_vocabulary
     from mobilevlm.processing import train_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    train_tokenizer(CORPUS, vocab_size=384).save(str(path))
+    pad_vocabulary(train_tokenizer(CORPUS, vocab_size=384), 384).save(str(path))  # as large as micro_config's vocabulary
     return path
 
 

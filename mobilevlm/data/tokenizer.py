@@ -28,3 +28,18 @@ def build_tokenizer(template_text: str, vocab_size: int = 1024, num_texts: int =
     from ..processing import train_tokenizer
 
     return train_tokenizer(tokenizer_corpus(template_text, num_texts), vocab_size, SPECIAL_TOKENS)
+
+
+def pad_vocabulary(tokenizer, size: int):
+    """Add placeholder tokens `<unused_N>` until the vocabulary has `size` entries.
+
+    A model's output layer and its tokenizer must agree in size: runtimes such as ExecuTorch's runner
+    sample only over the tokenizer's ids, so an output the tokenizer cannot name would make the
+    reference and the artifacts disagree. Placeholders are ordinary (not special) tokens so that every
+    runtime decodes them to the same text."""
+    missing = size - tokenizer.get_vocab_size()
+    if missing < 0:
+        raise ValueError(f"tokenizer already has {tokenizer.get_vocab_size()} tokens, more than {size}")
+    if missing:
+        tokenizer.add_tokens([f"<unused_{i}>" for i in range(missing)])
+    return tokenizer
