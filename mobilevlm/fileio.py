@@ -39,6 +39,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     try:
         yield tmp
         _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is a normal folder
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
             os.replace(target, old / target.name)
@@ -64,6 +65,7 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -77,6 +79,12 @@ def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -355,3 +355,14 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="neither a mobilevlm checkpoint"):
         load_model(tmp_path)
+
+
+def test_written_folders_get_normal_permissions(tmp_path):
+    """Folders are built in a private temporary directory; the result must not stay private."""
+    import os
+    import stat
+
+    folder = save_pretrained(MobileVLM(micro_config()), tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
