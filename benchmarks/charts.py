@@ -153,10 +153,10 @@ def size_accuracy_chart(records: list[dict], path: Path) -> Path | None:
     task accuracy where the bundle measured it, and greedy-token agreement with the PyTorch reference."""
     points: dict[str, dict] = {}
     for r in sorted(records, key=lambda r: kind(r) != "measured"):  # measured records first: they win
-        if kind(r) == "projected" or "metrics" not in r or not r.get("parity") or r["contender"] in points:
+        size = r.get("metrics", {}).get("file_mb") or r.get("file_mb")  # skipped (untimed) artifacts carry their size too
+        if kind(r) == "projected" or not size or not r.get("parity") or r["contender"] in points:
             continue
-        if r["metrics"].get("file_mb"):
-            points[r["contender"]] = {"size": r["metrics"]["file_mb"], "accuracy": r["parity"].get("accuracy"), "agreement": r["parity"].get("token_agreement")}
+        points[r["contender"]] = {"size": size, "accuracy": r["parity"].get("accuracy"), "agreement": r["parity"].get("token_agreement")}
     panels = [(key, label) for key, label in (("accuracy", "closed-ended accuracy at export, %"), ("agreement", "greedy-token agreement with PyTorch, %"))
               if any(p[key] is not None for p in points.values())]
     if not panels:

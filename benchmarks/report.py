@@ -59,7 +59,8 @@ def markdown_table(records: list[dict]) -> str:
         for r in rows:
             if "metrics" not in r:
                 reason = r.get("skipped") or r.get("error")
-                out.append(f"| {r['contender']} | {r['quantization']} | " + " | ".join(["-"] * (len(head) - 3)) + f" | {'skipped' if 'skipped' in r else 'failed'}: {reason} |")
+                size = _fmt(r["file_mb"]) if r.get("file_mb") else "-"
+                out.append(f"| {r['contender']} | {r['quantization']} | {size} | " + " | ".join(["-"] * (len(head) - 4)) + f" | {'skipped' if 'skipped' in r else 'failed'}: {reason} |")
                 continue
             m = r["metrics"]
             agreement = (r.get("parity") or {}).get("token_agreement")

@@ -22,6 +22,12 @@ from .machine import machine_facts
 
 SCHEMA = "mobilevlm-bench/1"
 TARGETS = ("host",)
+# Why an artifact gets no timings here (its size and parity are still recorded).
+NOT_MEASURED = {
+    "coreml": "Core ML runs only on Apple hardware; timing our numpy MIL interpreter would be a misleading speed figure (size and parity only)",
+}
+
+
 def measured_backends() -> set[str]:
     """Backends with a contender module in benchmarks/contenders/."""
     return {p.stem for p in (Path(__file__).parent / "contenders").glob("*.py") if p.stem not in ("__init__", "pytorch")}
@@ -33,7 +39,7 @@ def contenders(bundle, model_dir: Path | None) -> list[tuple[str, str | None]]:
     found = [("pytorch", None if (source / "config.json").is_file() else f"reference checkpoint {source} is not on this machine (pass --model)")]
     backends = measured_backends()
     for artifact in bundle.artifacts():
-        reason = None if artifact["backend"] in backends else f"no {artifact['backend']} benchmark contender yet"
+        reason = None if artifact["backend"] in backends else NOT_MEASURED.get(artifact["backend"], f"no {artifact['backend']} benchmark contender")
         found.append((artifact["name"], reason))
     return found
 
@@ -70,6 +76,8 @@ def run_bench(
                 record["parity"] = {k: artifact.get("parity", {}).get(k) for k in ("token_agreement", "answers_identical", "num_cases")}
                 record["parity"]["accuracy"] = artifact.get("parity", {}).get("task", {}).get("artifact", {}).get("closed_ended_accuracy")
             if skipped:
+                if artifact:  # not timed, but its size is known
+                    record["file_mb"] = artifact.get("size_bytes", 0) / 1e6
                 records.append({**record, "skipped": skipped})
                 log(f"{name}: skipped ({skipped})")
                 continue

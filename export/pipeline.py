@@ -30,6 +30,9 @@ class Backend:
     export: Callable  # (model, processor, recipe, path, context_length) -> report (.size_bytes, .seconds, .methods, .metadata)
     session: Callable  # (bundle root, artifact entry, manifest) -> ArtifactSession (see parity.py)
     runtime: str  # the runtime that runs the artifact, as recorded in the manifest
+    # Recipes whose answers must equal the reference's: the export fails otherwise. Backends whose
+    # runtime is known to compute differently (llama.cpp, see export/gguf.py) name none.
+    exact_recipes: tuple[str, ...] = ("fp32",)
 
 
 # Backend name -> module exposing `backend()`; imported only when asked for.
@@ -122,10 +125,10 @@ def export_bundle(
             artifact["parity"] = parity
             manifest["artifacts"].append(artifact)
             log(_parity_line(artifact))
-            if recipe.name == "fp32" and parity["answers_identical"] != parity["num_cases"]:
+            if recipe.name in chosen.exact_recipes and parity["answers_identical"] != parity["num_cases"]:
                 bad = next(r for r in parity["cases"] if not r["match"])
                 raise ExportError(
-                    f"{backend} fp32 parity is broken: {parity['answers_identical']}/{parity['num_cases']} answers equal the reference "
+                    f"{backend} {recipe.name} parity is broken: {parity['answers_identical']}/{parity['num_cases']} answers equal the reference "
                     f"(first difference, {bad['case']}: reference {bad['reference']!r}, artifact {bad['artifact']!r}); no bundle written"
                 )
         finalize_manifest(tmp, manifest)

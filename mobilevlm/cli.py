@@ -243,8 +243,9 @@ class Export:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--backend", default="executorch", help="executorch")
-        parser.add_argument("--quant", default="fp32", help="recipe, or several separated by commas (e.g. fp32,8da4w); see export/quantize.py")
+        parser.add_argument("--backend", default="executorch", help="executorch, onnx, coreml, gguf or hf")
+        parser.add_argument("--quant", default=None, help="recipe, or several separated by commas; default: the backend's exact one (executorch: fp32 | 8da8w | 8da4w[-gN][-emb8|-emb4|-embfp][-vis8]; "
+                            "onnx: fp32, fp16, int8, int4[-bN]; coreml: fp16, int8[-bN], int4[-bN], palettize4[-gN]; gguf: f32, f16, q8_0, q4_0, q4_k_m)")
         parser.add_argument("--model", type=Path, help="checkpoint folder (default: the shipped reference model)")
         parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
         parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -259,7 +260,10 @@ class Export:
         from .export.pipeline import export_bundle
 
         set_threads(args.threads)
-        recipes = tuple(r.strip() for r in args.quant.split(",") if r.strip())
+        from .export.pipeline import get_backend
+
+        quant = args.quant or ",".join(get_backend(args.backend).exact_recipes or ("f32",))
+        recipes = tuple(r.strip() for r in quant.split(",") if r.strip())
         export_bundle(args.out, args.backend, recipes, args.model, args.force, args.context_length, args.parity_cases, args.eval_scenes, args.eval_seed)
         return 0
 
