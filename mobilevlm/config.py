@@ -287,11 +287,13 @@ MOBILELLAMA_1_4B = TextConfig()  # the defaults are MobileLLaMA 1.4B
 MOBILELLAMA_2_7B = TextConfig(hidden_size=2560, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=6912)
 VICUNA_7B = TextConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008, max_seq_len=4096, rms_norm_eps=1e-5)
 
+# 96 px in 8 px patches: a 12x12 grid that LDPv2 pools to 6x6 = 36 image tokens, 2x2 per cell of the
+# generated scenes' 3x3 layout. Linear widths are multiples of 128 so every 4-bit group size fits.
 TINY = MobileVLMConfig(
-    vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
-    projector=ProjectorConfig(type="ldpv2", pool_size=4),
+    vision=VisionConfig(image_size=96, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+    projector=ProjectorConfig(type="ldpv2", pool_size=6),
     text=TextConfig(
-        vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704, max_seq_len=256, rms_norm_eps=1e-6
+        vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=640, max_seq_len=256, rms_norm_eps=1e-6
     ),
     prompt_template="tiny",
 )

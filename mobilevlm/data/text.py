@@ -339,3 +339,43 @@ def preference_pairs(scene: Scene, rng: random.Random) -> list[PreferencePair]:
     obj = rng.choice(scene.objects)
     pairs.append(PreferencePair(POPE_TEMPLATE.format(article(obj.name)), "yes", "no", "existence"))
     return pairs
+
+
+# ---------------------------------------------------------------- hard negatives
+
+def hard_negative(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with exactly one binding changed, for contrastive hard negatives (NegCLIP,
+    Yuksekgonul et al. 2023): two objects swap colours or shapes, one object moves to a free cell or
+    changes colour, or the printed word changes. A caption of it differs from the true caption in one
+    place, so only an image encoder that binds attributes to objects can tell them apart."""
+    from .scene import WORDS
+
+    objects = list(scene.objects)
+    options = []
+    pairs = [(i, j) for i in range(len(objects)) for j in range(i + 1, len(objects))]
+    if any(objects[i].color != objects[j].color for i, j in pairs):
+        options.append("swap_color")
+    if any(objects[i].shape != objects[j].shape for i, j in pairs):
+        options.append("swap_shape")
+    if _free_cells(scene):
+        options.append("move")
+    if scene.word is not None:
+        options.append("word")
+    options.append("recolor")
+    kind = rng.choice(options)
+    if kind in ("swap_color", "swap_shape"):
+        attr = kind.split("_")[1]
+        i, j = rng.choice([(i, j) for i, j in pairs if getattr(objects[i], attr) != getattr(objects[j], attr)])
+        a, b = getattr(objects[i], attr), getattr(objects[j], attr)
+        objects[i], objects[j] = replace(objects[i], **{attr: b}), replace(objects[j], **{attr: a})
+    elif kind == "move":
+        i = rng.randrange(len(objects)) if objects else None
+        if i is not None:
+            row, col = rng.choice(_free_cells(scene))
+            objects[i] = replace(objects[i], row=row, col=col)
+    elif kind == "word":
+        return replace(scene, word=rng.choice([w for w in WORDS if w != scene.word]))
+    if kind == "recolor" and objects:
+        i = rng.randrange(len(objects))
+        objects[i] = replace(objects[i], color=rng.choice([c for c in COLORS if c != objects[i].color]))
+    return replace(scene, objects=tuple(objects))

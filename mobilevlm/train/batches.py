@@ -19,6 +19,7 @@ import torch
 
 from ..data import CAPTION_PROMPTS, POPE_SETTINGS, caption, instruction_qas, make_scene, pope_probes, preference_pairs, render_scene
 from ..data.splits import SPLITS, text_corpus
+from ..data.text import hard_negative
 from ..model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..processing import Processor
 
@@ -104,18 +105,26 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, pixels: list[t
 # --- one builder per stage ------------------------------------------------------------------------
 
 
-def vision_batch(pool: ScenePool, processor: Processor, indices: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels [B, 3, S, S], caption ids [B, T] padded, caption lengths [B]) for contrastive pretraining."""
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, lengths
+
+
+def vision_batch(pool: ScenePool, processor: Processor, indices: list[int], rng: random.Random) -> tuple[torch.Tensor, tuple, tuple]:
+    """Pixels [B, 3, S, S], the true captions and one hard-negative caption per image (the same scene
+    with one binding changed, in the same phrasing), each as (ids [B, T] padded, lengths [B])."""
     tok = processor.tokenizer
-    pixels, captions = [], []
+    pixels, captions, negatives = [], [], []
     for index in indices:
+        scene, style = pool.scene(index), rng.randrange(1 << 30)
         pixels.append(pool.pixels(index))
-        captions.append([tok.bos_id, *tok.encode(caption(pool.scene(index), rng)), tok.eos_id])
-    lengths = torch.tensor([len(c) for c in captions])
-    ids = torch.full((len(captions), int(lengths.max())), tok.pad_id or 0, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids[i, : len(c)] = torch.tensor(c)
-    return torch.stack(pixels), ids, lengths
+        captions.append([tok.bos_id, *tok.encode(caption(scene, random.Random(style))), tok.eos_id])
+        negatives.append([tok.bos_id, *tok.encode(caption(hard_negative(scene, rng), random.Random(style))), tok.eos_id])
+    pad = tok.pad_id or 0
+    return torch.stack(pixels), _pad(captions, pad), _pad(negatives, pad)
 
 
 def text_batch(processor: Processor, indices: list[int], seq_len: int) -> Batch:

@@ -37,7 +37,8 @@ class TextTower(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """The VLM's vision encoder (pooled class token) against a text tower, InfoNCE both ways."""
+    """The VLM's vision encoder (pooled class token) against a text tower, InfoNCE both ways, with
+    one hard-negative caption per image among the image-to-text candidates (NegCLIP)."""
 
     def __init__(self, model: MobileVLM, vocab_size: int, embed_dim: int = 128):
         super().__init__()
@@ -46,12 +47,15 @@ class ContrastiveModel(nn.Module):
         self.text = TextTower(vocab_size, embed_dim=embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, captions: tuple, negatives: tuple | None = None, mask_ratio: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         image = F.normalize(self.image_proj(self.vision.pooled(pixels, mask_ratio, generator)), dim=-1)
-        text = F.normalize(self.text(ids, lengths), dim=-1)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
-        target = torch.arange(len(logits))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        text = F.normalize(self.text(*captions), dim=-1)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        candidates = text if negatives is None else torch.cat([text, F.normalize(self.text(*negatives), dim=-1)])
+        target = torch.arange(len(image))
+        image_to_text = F.cross_entropy(scale * image @ candidates.T, target)
+        text_to_image = F.cross_entropy(scale * text @ image.T, target)
+        return (image_to_text + text_to_image) / 2
 
 
 def sequence_logprobs(model: MobileVLM, token_ids: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ class Recipe:
     # Scenes rendered once and reused by the image stages (rendering is not free on 2 cores).
     scene_pool: int = 20000
     tokenizer_vocab: int = 1024
+    # Matrix products in bfloat16 (torch.autocast; weights and optimizer state stay fp32). On CPUs
+    # with AMX / AVX-512 BF16 this trains about 1.5x faster; elsewhere it may be slower.
+    bf16: bool = False
     # Optional overrides of the preset's model shape (e.g. {"text": {"num_layers": 2}}).
     model_overrides: dict = field(default_factory=dict)
 
@@ -86,12 +89,13 @@ def _tiny() -> Recipe:
     return Recipe(
         name="tiny",
         preset="tiny",
+        bf16=True,
         stages=(
-            StageConfig("vision", steps=300, batch_size=128, lr=1e-3, warmup=30, weight_decay=0.05, trainable=("vision",), mask_ratio=0.5),
-            StageConfig("text", steps=150, batch_size=32, lr=1e-3, warmup=20, trainable=("text",), seq_len=128),
-            StageConfig("align", steps=150, batch_size=64, lr=1e-3, warmup=15, trainable=("projector",)),
-            StageConfig("instruct", steps=1200, batch_size=32, lr=5e-4, warmup=50, trainable=("vision", "projector", "text")),
-            StageConfig("dpo", steps=100, batch_size=16, lr=5e-6, warmup=10, trainable=("projector", "text"), beta=0.1, sft_weight=0.2),
+            StageConfig("vision", steps=200, batch_size=128, lr=1e-3, warmup=20, weight_decay=0.05, trainable=("vision",), mask_ratio=0.5),
+            StageConfig("text", steps=80, batch_size=32, lr=1e-3, warmup=10, trainable=("text",), seq_len=128),
+            StageConfig("align", steps=50, batch_size=64, lr=1e-3, warmup=10, trainable=("projector",)),
+            StageConfig("instruct", steps=560, batch_size=32, lr=1e-3, warmup=40, trainable=("vision", "projector", "text")),
+            StageConfig("dpo", steps=60, batch_size=16, lr=1e-5, warmup=10, trainable=("projector", "text"), beta=0.1, sft_weight=0.2),
         ),
     )
 

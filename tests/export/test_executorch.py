@@ -3,6 +3,7 @@ answers; the manifest describes it; bad input fails cleanly and leaves no partia
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -90,14 +91,14 @@ def test_existing_bundle_needs_force(tmp_path, micro_checkpoint):
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, micro_checkpoint, monkeypatch):
-    def failing_backend():
-        backend = pipeline.get_backend("executorch")
+    backend = pipeline.get_backend("executorch")  # the real one, looked up before the patch below
 
+    def failing_backend():
         def export_then_die(model, processor, recipe, path, context):
             path.write_bytes(b"half a program")
             raise KeyboardInterrupt
 
-        return pipeline.Backend(backend.name, backend.suffix, backend.parse_recipe, export_then_die, backend.session, backend.runtime)
+        return dataclasses.replace(backend, export=export_then_die)
 
     monkeypatch.setitem(pipeline.BACKENDS, "executorch", failing_backend)
     with pytest.raises(KeyboardInterrupt):

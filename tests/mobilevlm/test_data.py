@@ -325,3 +325,24 @@ def test_streams_are_lazy_consistent_and_endless():
     words = set(" ".join(lines).lower().replace(".", " ").replace("?", " ").split())
     assert set(COLORS) | set(SHAPES) <= words
     assert len(list(itertools.islice(text_corpus("val", len(SPLITS["val"]) - 1), 200))) == 200
+
+
+def test_hard_negatives_change_exactly_one_thing():
+    """Contrastive hard negatives: same scene with one binding changed, so the caption differs."""
+    import random as _random
+
+    from mobilevlm.data import caption as _caption
+    from mobilevlm.data import make_scene as _make_scene
+    from mobilevlm.data.text import hard_negative
+
+    for seed in range(300):
+        scene = _make_scene(seed)
+        negative = hard_negative(scene, _random.Random(seed))
+        assert _caption(negative) != _caption(scene), seed
+        before = {(o.row, o.col, o.color, o.shape, o.size) for o in scene.objects}
+        after = {(o.row, o.col, o.color, o.shape, o.size) for o in negative.objects}
+        changed_objects = len(before - after)
+        changed_word = scene.word != negative.word
+        assert len(scene.objects) == len(negative.objects)
+        # a swap changes two objects, a move / recolour one, a word change none
+        assert (changed_word and changed_objects == 0) or (not changed_word and changed_objects in (1, 2)), seed
