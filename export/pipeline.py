@@ -41,6 +41,7 @@ BACKENDS: dict[str, str] = {
     "onnx": "mobilevlm.export.onnx",
     "coreml": "mobilevlm.export.coreml",
     "gguf": "mobilevlm.export.gguf",
+    "hf": "mobilevlm.export.hf",
 }
 
 
