@@ -129,7 +129,7 @@ class Bundle:
 
 def resolve_inside(root: Path, relative: Any) -> Path:
     """`root / relative`, refusing absolute paths and any path that leaves the bundle folder."""
-    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+    if not isinstance(relative, str) or not relative or "\x00" in relative or Path(relative).is_absolute():
         raise BundleError(f"{root / MANIFEST}: file path {relative!r} must be a relative path inside the bundle")
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
@@ -205,9 +205,39 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for index, artifact in enumerate(manifest["artifacts"]):
         if not isinstance(artifact, dict) or "file" not in artifact or "backend" not in artifact:
             raise BundleError(f"{manifest_path}: artifacts[{index}] needs 'backend' and 'file'")
-        file = resolve_inside(root, artifact["file"])
-        if artifact["file"] not in manifest["files"] and not any(k.startswith(artifact["file"].rstrip("/") + "/") for k in manifest["files"]):
-            raise BundleError(f"{manifest_path}: artifacts[{index}].file {artifact['file']!r} is not listed under 'files'")
+        file = _checked_reference(root, manifest["files"], f"artifacts[{index}].file", artifact["file"])
         if not file.exists():
             raise BundleError(f"{file}: artifact file missing")
+    for field, relative in _other_references(manifest_path, manifest):
+        _checked_reference(root, manifest["files"], field, relative)
     return Bundle(root, manifest)
+
+
+def _checked_reference(root: Path, files: dict, field: str, relative: Any) -> Path:
+    """A path the manifest points a reader at: inside the bundle, and covered by a checksum (a file
+    listed under 'files', or a folder artifact such as .mlpackage whose every file is listed), so
+    nothing a runtime reads escapes verification."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative or Path(relative).is_absolute():
+        raise BundleError(f"{root / MANIFEST}: {field} {relative!r} must be a relative path inside the bundle")
+    try:
+        path = resolve_inside(root, relative)
+    except BundleError:
+        raise BundleError(f"{root / MANIFEST}: {field} {relative!r} escapes the bundle folder") from None
+    prefix = relative.rstrip("/") + "/"
+    if relative not in files and not any(k.startswith(prefix) for k in files):
+        raise BundleError(f"{root / MANIFEST}: {field} {relative!r} is not listed under 'files' (every file a bundle uses needs a SHA-256)")
+    return path
+
+
+def _other_references(manifest_path: Path, manifest: dict) -> Iterator[tuple[str, Any]]:
+    """(field, path) of the tokenizer files and parity images the manifest names."""
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict):
+        raise BundleError(f"{manifest_path}: field 'tokenizer' must be an object, got {type(tokenizer).__name__}")
+    for key in ("file", "config_file"):
+        if key in tokenizer:
+            yield f"tokenizer.{key}", tokenizer[key]
+    cases = manifest.get("parity", {}).get("cases", []) if isinstance(manifest.get("parity"), dict) else []
+    for index, case in enumerate(cases if isinstance(cases, list) else []):
+        if isinstance(case, dict) and "image" in case:
+            yield f"parity.cases[{index}].image", case["image"]

@@ -24,7 +24,7 @@ import torch
 
 from .config import MobileVLMConfig, ProjectorConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .fileio import atomic_folder
+from .fileio import OutputError, atomic_folder
 from .model import MobileVLM
 
 FORMAT = "mobilevlm"
@@ -43,6 +43,7 @@ IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids|^text_model\.|^vi
 
 def save_pretrained(model: MobileVLM, folder: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write config.json, model.safetensors and (if given) a copy of tokenizer.json, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -52,7 +53,10 @@ def save_pretrained(model: MobileVLM, folder: str | Path, tokenizer: str | Path 
         state.pop("text.lm_head.weight", None)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSError
+            raise OutputError(f"{folder / WEIGHTS}: writing failed ({exc})") from exc
         if tokenizer is not None:
             shutil.copyfile(Path(getattr(tokenizer, "path", tokenizer)), tmp / TOKENIZER)
     return folder
@@ -196,10 +200,16 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return {k: _check_tensor(path, k, v) for k, v in data.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first message line (torch raises some with an empty message)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no message"
 
 
 def _check_tensor(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -209,7 +219,7 @@ def _check_tensor(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
         raise CheckpointError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected a floating-point dtype")
     tensor = tensor.float()
     if not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{path}: tensor {key!r} contains NaN or Inf values")
+        raise CheckpointError(f"{path}: tensor {key!r} contains NaN or Inf values, expected finite weights")
     return tensor
 
 

@@ -28,6 +28,9 @@ IMAGE_ASPECT_MODES = ("pad", "resize", "crop")
 # Refuse configs whose weights alone would exceed this many parameters (about 400 GB in fp32):
 # such a config is a corrupt or hostile file, and allocating it would take the machine down.
 MAX_PARAMETERS = 100_000_000_000
+# The same bound for what the context length allocates at run time (rotary tables, the KV cache and
+# the square attention mask grow with text.max_seq_len, which the parameter count does not see).
+MAX_BUFFER_BYTES = 4 * MAX_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ class MobileVLMConfig:
             )
         if (n := estimate_parameters(self)) > MAX_PARAMETERS:
             raise ConfigError(f"config describes {n:,} parameters, more than the {MAX_PARAMETERS:,} this toolkit accepts")
+        if (n := estimate_buffer_bytes(self)) > MAX_BUFFER_BYTES:
+            raise ConfigError(
+                f"text.max_seq_len {self.text.max_seq_len} needs {n:,} bytes of rotary tables, KV cache and attention mask, "
+                f"more than the {MAX_BUFFER_BYTES:,} this toolkit accepts"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +222,16 @@ def estimate_parameters(config: MobileVLMConfig) -> int:
     text = t.num_layers * layer + t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2)
     projector = v.hidden_size * t.hidden_size + 3 * t.hidden_size**2
     return int(vision + text + projector)
+
+
+def estimate_buffer_bytes(config: MobileVLMConfig) -> int:
+    """Bytes the context length allocates (no allocation): float64 rotary angles and float32 cos / sin
+    tables, a float32 KV cache for one sequence, and the boolean [L, L] causal mask."""
+    t = config.text
+    positions = t.max_seq_len
+    rope = positions * t.head_dim // 2 * 8 + 2 * positions * t.head_dim * 4
+    cache = t.num_layers * 2 * t.num_kv_heads * t.head_dim * positions * 4
+    return int(rope + cache + positions * positions)
 
 
 def _build(cls: type, data: Any, source: str, **given: Any) -> Any:

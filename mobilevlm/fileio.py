@@ -58,8 +58,13 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
 def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Yield a file object for a temporary sibling of `target`; it replaces `target` on normal exit."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, expected a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target.parent}: cannot create the output file here ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

@@ -49,20 +49,30 @@ def load_image(source: ImageSource) -> Image.Image:
             raise ImageError(f"{name}: file is empty (0 bytes), expected an image")
         try:
             with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd files: not a second stderr line
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
                 _check_size(name, image.size)
                 image.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"{name}: image claims more than the {MAX_IMAGE_PIXELS:,} pixels accepted ({exc})") from None
+        except ImageError:
+            raise
+        except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not a decodable image ({exc})") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{name}: image data is corrupt or truncated ({exc})") from None
+        except Exception as exc:  # a decoder's failure on a hostile file (OSError, struct.error, ...) is bad input
+            raise ImageError(f"{name}: image data is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     _check_size(name, image.size)
     try:
-        image = ImageOps.exif_transpose(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not make a readable image unusable
         pass
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except Exception as exc:  # a mode or palette that decodes but cannot be converted
+        raise ImageError(f"{name}: image mode {image.mode!r} cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
 
 
 def _read_file(path: Path) -> bytes:
