@@ -10,6 +10,11 @@ Bytes come from the model config and the quantization recipe (`weight_format`: b
 including scales, per tensor class: block linears, output head, one embedding row, vision weights).
 Peaks come from the device profile (cores used fastest first, per-cycle MACs of each core type).
 
+Core ML (`coreml-ane`) runs on the Apple Neural Engine: peak = the Neural Engine's fp16 rate, and the
+decode read stream is limited by the Neural Engine's own measured bandwidth (ANEMLL-bench), not by the
+DRAM's; Core ML artifacts cannot run off Apple hardware, so their projection is made from the model
+config and the recipe alone (no host measurement exists to scale it).
+
 The efficiency factors belong to a runtime (`PROFILES`), not to a device: they are solved from the
 published figures marked `calibration` below (geometric mean when several), and every other
 published figure is `held-out`: `validate()` projects each and reports the error. The projection of
@@ -78,6 +83,11 @@ def weight_format(recipe: str) -> WeightFormat:
         return WeightFormat(r, linear, head, linear, 16, "int8", "fp16", 2, False)
     if r in ("8da8w",):
         return WeightFormat(r, 8, 8, 8, 8, "int8", "int8", 4)
+    if r == "palettize4-fp16head":
+        # coreml-llm-cli's Llama 2 7B (a published Core ML figure): 4-bit lookup tables in the blocks
+        # (304 MB per three-block chunk = 4.0 bits/weight, huggingface.co/smpanaro/Llama-2-7b-coreml),
+        # fp16 output head and embeddings (assumed: makes up the "~4GB" its README states)
+        return WeightFormat(r, 4, 16, 16, 16, "fp16", "fp16", 2, False)
     if r == "et-spinquant":
         # ExecuTorch's Llama 3.2 quantized recipe: 8da4w group 32 (fp32 scales) in the blocks,
         # 8-bit per-channel output head, 8-bit embeddings; its 1B .pte (1,083 MiB) matches this count.
@@ -107,6 +117,24 @@ def weight_format(recipe: str) -> WeightFormat:
         return WeightFormat(r, 4, 4, 4, 16, "fp16", "fp16", 2, False)
     raise MobileVLMError(f"unknown quantization recipe {recipe!r} for the projection; expected fp32, fp16, bf16, q4_0, q4_k_s, "
                          "q4_k_m, q8_0, 8da8w, 8da4w[-gN][-emb8|-emb4|-embfp][-vis8], int4[-bN]..., int8[-bN]..., palettize4[-gN] or et-spinquant")
+
+
+def coreml_weight_format(recipe: str) -> WeightFormat:
+    """Bytes of our Core ML recipes (export/coreml_compress.py: fp16 | int8[-bN] | int4[-bN] | palettize4[-gN]).
+
+    Core ML's weight-only compression keeps fp16 arithmetic (the weights are decompressed on the fly)
+    and an fp16 KV-cache state. Per-block scales (and int4's 4-bit zero points) are stored in the
+    weight's dtype, fp16 here (coremltools 9.0 optimize/_utils.py: `scale.astype(weight.dtype)`); the 4-bit lookup tables (16 fp16 entries per group of output channels) are
+    negligible. Vision, projector and embedding table: int8 per-block 32 in every compressed recipe."""
+    match = re.fullmatch(r"(fp16|int8|int4|palettize4)(?:-([bg])(\d+))?", recipe.strip().lower())
+    if not match:
+        raise MobileVLMError(f"unknown Core ML recipe {recipe!r} for the projection; expected fp16 | int8[-bN] | int4[-bN] | palettize4[-gN]")
+    scheme, size = match.group(1), int(match.group(3) or 0)
+    if scheme == "fp16":
+        return WeightFormat(recipe, 16, 16, 16, 16, "fp16", "fp16", 2, False)
+    rest = 8 + 16 / 32
+    bits = {"int8": 8 + 16 / (size or 32), "int4": 4 + (16 + 4) / (size or 32), "palettize4": 4.0}[scheme]
+    return WeightFormat(recipe, bits, bits, rest, rest, "fp16", "fp16", 2, False)
 
 
 # --- counting --------------------------------------------------------------------------------------
@@ -172,7 +200,9 @@ LLAMA_3_2_3B = TextConfig(vocab_size=128256, hidden_size=3072, num_layers=28, nu
                           max_seq_len=2048, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
 LLAMA_3_8B = TextConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
                         max_seq_len=2048, rope_theta=500000.0, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
-TEXT_MODELS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B}
+LLAMA_2_7B = TextConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
+                        max_seq_len=4096, rope_theta=10000.0, rms_norm_eps=1e-5, bos_id=1, eos_id=2)
+TEXT_MODELS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B, "llama-2-7b": LLAMA_2_7B}
 
 
 def model_config(name: str) -> tuple[TextConfig, MobileVLMConfig | None]:
@@ -204,7 +234,11 @@ class PublishedFigure:
     role: str  # calibration | held-out
     source: str
     note: str = ""
+    positions: int = 1  # positions computed per decoded token (a fixed-shape Neural Engine model runs its whole window)
 
+
+COREML_LLM_CLI = ("coreml-llm-cli README (github.com/smpanaro/coreml-llm-cli), 'Performance': Llama 2 7B on the Neural Engine, "
+                  "--max-new-tokens 80; the model processes 64 tokens per call against a 448-token cache")
 
 # Decode contexts: prompt tokens + half the generated tokens of the logged run. Threads: as logged
 # (-t 4 on the phones; llama.cpp's default, the physical core count, on the i7; ExecuTorch's runner
@@ -244,10 +278,31 @@ PUBLISHED: tuple[PublishedFigure, ...] = (
     PublishedFigure("op12-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.85, 128, "held-out", EXECUTORCH_LLAMA, "OnePlus 12; context not published, 128 assumed"),
     PublishedFigure("s24-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.91, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S24, US model (Snapdragon 8 Gen 3) assumed"),
     PublishedFigure("s22-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-1", 4, "executorch-xnnpack", "decode_tok_s", 7.85, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S22, US model (Snapdragon 8 Gen 1) assumed; 4 performant cores"),
+    # Core ML on the Neural Engine: one model version (a76a14d) measured on five chips. Calibration on
+    # one chip, the other four held out; they test the device scaling (Neural Engine bandwidth and fp16 rate).
+    PublishedFigure("m1max-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m1-max", 1, "coreml-ane", "decode_tok_s", 4.97, 512, "calibration",
+                    COREML_LLM_CLI, "model version 1 (a76a14d)", positions=64),
+    PublishedFigure("m2-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m2", 1, "coreml-ane", "decode_tok_s", 5.51, 512, "held-out",
+                    COREML_LLM_CLI, "model version 1; published 5.51 +- 0.56", positions=64),
+    PublishedFigure("m3-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m3", 1, "coreml-ane", "decode_tok_s", 7.12, 512, "held-out",
+                    COREML_LLM_CLI, "model version 1", positions=64),
+    PublishedFigure("m3max-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m3-max", 1, "coreml-ane", "decode_tok_s", 7.6, 512, "held-out",
+                    COREML_LLM_CLI, "model version 1; M3 Max variant (16- or 14-core) not named, 16-core assumed", positions=64),
+    PublishedFigure("m4-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m4", 1, "coreml-ane", "decode_tok_s", 7.76, 512, "held-out",
+                    COREML_LLM_CLI, "model version 1 on an M4 iPad (iPad Pro 2024)", positions=64),
+    PublishedFigure("m1max-ane-llama2-7b-v2-decode", "llama-2-7b", "palettize4-fp16head", "apple-m1-max", 1, "coreml-ane", "decode_tok_s", 7.02, 512, "held-out",
+                    COREML_LLM_CLI, "the current model version (8x8-reshaped MLP convolutions, split-einsum attention): 1.41x version 1 on the same chip, "
+                    "a software gain the profile (calibrated on version 1) does not contain", positions=64),
 )
 
 
 # --- runtime profiles --------------------------------------------------------------------------------
+
+
+# ANEMLL-bench (github.com/Anemll/anemll-bench, Results.MD) measured the base M1's Neural Engine at
+# 60.87 GB/s of its 68.25 GB/s DRAM (LPDDR4X-4266 x 128 bit): where a device's Neural Engine bandwidth
+# has not been measured (every iPhone), this fraction of its DRAM bandwidth stands in.
+ANE_DRAM_FRACTION = 0.89
 
 
 @dataclass(frozen=True)
@@ -258,6 +313,7 @@ class RuntimeProfile:
     i8mm: bool  # whether its int8 kernels use SMMLA on cores that have it
     static_split: bool = False  # equal work per thread + barrier: every thread runs at the slowest core's pace
     overhead_ms: float = 0.0  # fixed per decoded token (documented where used)
+    fixed_bandwidth: float | None = None  # bandwidth efficiency set, not solved (the device figure is already a measured rate)
 
 
 PROFILES: dict[str, RuntimeProfile] = {
@@ -268,12 +324,25 @@ PROFILES: dict[str, RuntimeProfile] = {
                                         "so its own efficiencies", False, static_split=True),
     "llama.cpp-cuda": RuntimeProfile("llama.cpp-cuda", "gpu", "llama.cpp CUDA backend of early 2024 on a Jetson GPU (all layers offloaded)", False),
     "executorch-xnnpack": RuntimeProfile("executorch-xnnpack", "cpu", "ExecuTorch 0.4+ with XNNPACK and KleidiAI: 8da4w GEMM / GEMV with i8mm, fp32 KV cache, custom SDPA", True),
+    "coreml-ane": RuntimeProfile("coreml-ane", "ane", "Core ML on the Apple Neural Engine: fp16 arithmetic (weight-only compression decompressed on the fly), "
+                                 "fp16 KV cache; reads stream at the Neural Engine's measured bandwidth (ANEMLL-bench) where known, else at "
+                                 f"{ANE_DRAM_FRACTION} x DRAM; the GEMM efficiency is solved from decode figures (no published prefill figure)", False,
+                                 fixed_bandwidth=1.0),
 }
 
 # Which runtime profile projects an artifact of each of our backends. ONNX Runtime has no published
 # phone figure here: its artifacts borrow the XNNPACK profile (labelled as a proxy in the record).
-BACKEND_PROFILE = {"executorch": "executorch-xnnpack", "gguf": "llama.cpp-cpu-arm", "llama.cpp": "llama.cpp-cpu-arm", "onnx": "executorch-xnnpack"}
+BACKEND_PROFILE = {"executorch": "executorch-xnnpack", "gguf": "llama.cpp-cpu-arm", "llama.cpp": "llama.cpp-cpu-arm", "onnx": "executorch-xnnpack",
+                   "coreml": "coreml-ane"}
 PROXY_BACKENDS = {"onnx"}
+# Backends that cannot be timed on this host (benchmarks/runner.py NOT_MEASURED): their records carry no
+# metrics and are projected from the model config and recipe alone, onto Apple devices only.
+UNMEASURED_BACKENDS = {"coreml"}
+COREML_DEVICES = ("apple-a17-pro", "apple-a18-pro", "apple-m4")  # when no requested device has a Neural Engine figure
+COREML_NOTE = ("projected only: Core ML runs on Apple hardware alone, so no host measurement of this artifact exists (nothing scales it); "
+               "assumes Core ML places the programs on the Neural Engine (a decoder with a flexible sequence length (RangeDim) may be "
+               "placed on the GPU or CPU instead); its prefill and image-encode figures have no published check (the profile's GEMM "
+               "efficiency is solved from decode figures)")
 
 
 @dataclass(frozen=True)
@@ -285,6 +354,11 @@ class Efficiency:
 
 
 def _peak(device: Device, profile: RuntimeProfile, precision: str, threads: int, i8mm: bool) -> float:
+    if profile.processor == "ane":
+        npu = device.npu or {}
+        if not npu.get("fp16_tops"):
+            raise MobileVLMError(f"device {device.id} has no Neural Engine fp16 throughput in the device data; runtime {profile.name} needs one")
+        return npu["fp16_tops"] * 1e12 / 2  # MACs/s; our Core ML recipes compress weights only, arithmetic is fp16
     if profile.processor == "gpu":
         gpu = device.gpu or {}
         if not gpu.get("fp16_dense_tflops"):
@@ -293,13 +367,31 @@ def _peak(device: Device, profile: RuntimeProfile, precision: str, threads: int,
     return device.peak_macs_per_s(precision, threads, i8mm and profile.i8mm, profile.static_split)
 
 
+def memory_gbs(device: Device, profile: RuntimeProfile) -> float:
+    """The GB/s the runtime's read stream is limited by: DRAM, or the Neural Engine's own ceiling."""
+    if profile.processor != "ane":
+        return device.memory_gbs
+    measured = (device.npu or {}).get("ane_bandwidth_gbs")
+    return min(measured, device.memory_gbs) if measured else device.memory_gbs * ANE_DRAM_FRACTION
+
+
+def runtime_weight_format(recipe: str, runtime: str) -> WeightFormat:
+    """Core ML recipes on the Core ML profile count Core ML's bytes (fp16 scales); every other name as `weight_format`."""
+    if PROFILES[runtime].processor == "ane":
+        try:
+            return coreml_weight_format(recipe)
+        except MobileVLMError:
+            pass
+    return weight_format(recipe)
+
+
 def _parts(figure_or_args, eff: Efficiency | None = None) -> dict:
     """The times of each term for a figure under given efficiencies (None: unit efficiency)."""
     f = figure_or_args
     text, config = model_config(f.model)
-    fmt = weight_format(f.recipe)
+    fmt = runtime_weight_format(f.recipe, f.runtime)
     device, profile = get_device(f.device), PROFILES[f.runtime]
-    bw = device.memory_gbs * 1e9 * (eff.bandwidth if eff else 1.0)
+    bw = memory_gbs(device, profile) * 1e9 * (eff.bandwidth if eff else 1.0)
     gemm = _peak(device, profile, fmt.compute, f.threads, fmt.i8mm) * (eff.gemm if eff else 1.0)
     out = {}
     if f.metric == "encode_s":
@@ -310,7 +402,7 @@ def _parts(figure_or_args, eff: Efficiency | None = None) -> dict:
         out["memory"] = decode_count(text, fmt, 0).weight_bytes / bw
     else:
         count = decode_count(text, fmt, f.tokens)
-        out["compute"] = count.macs / gemm  # decode matmuls run at the prefill kernels' efficiency
+        out["compute"] = f.positions * count.macs / gemm  # decode matmuls run at the prefill kernels' efficiency
         out["memory"] = count.bytes / bw
         out["overhead"] = profile.overhead_ms / 1e3
     return out
@@ -332,12 +424,19 @@ def calibrate(runtime: str) -> Efficiency:
     figures = [f for f in PUBLISHED if f.runtime == runtime and f.role == "calibration"]
     if not figures:
         raise MobileVLMError(f"runtime {runtime!r} has no calibration figure")
-    eff = Efficiency(0.5, 0.1, 0.1, tuple(f.id for f in figures))
+    profile = PROFILES[runtime]
+    eff = Efficiency(profile.fixed_bandwidth or 0.5, 0.1, 0.1, tuple(f.id for f in figures))
     for _ in range(3):
         gemm = [f for f in figures if f.metric == "prefill_tok_s"]
         encode = [f for f in figures if f.metric == "encode_s"]
         decode = [f for f in figures if f.metric == "decode_tok_s"]
         g = _geomean([(_parts(f, Efficiency(eff.bandwidth, 1, 1, ()))["compute"]) / (_measured_seconds(f) - _parts(f, eff)["memory"]) for f in gemm]) if gemm else eff.gemm
+        if profile.fixed_bandwidth is not None:
+            # bandwidth known: the decode time left after the reads is compute, which gives the GEMM efficiency
+            g = _geomean([_decode_gemm(f, eff.bandwidth) for f in decode]) if decode and not gemm else g
+            e = _geomean([_parts(f)["compute"] / _measured_seconds(f) for f in encode]) if encode else g
+            eff = Efficiency(eff.bandwidth, g, e, eff.calibrated_on)
+            continue
         # no published encode figure for a runtime: its vision encoder is GEMM work, so the GEMM efficiency stands in
         e = _geomean([_parts(f)["compute"] / _measured_seconds(f) for f in encode]) if encode else g
         bws = []
@@ -350,6 +449,14 @@ def calibrate(runtime: str) -> Efficiency:
         b = _geomean(bws) if bws else eff.bandwidth
         eff = Efficiency(b, g, e, eff.calibrated_on)
     return eff
+
+
+def _decode_gemm(f: PublishedFigure, bandwidth: float) -> float:
+    parts = _parts(f, Efficiency(bandwidth, 1, 1, ()))
+    left = _measured_seconds(f) - parts["memory"] - parts.get("overhead", 0)
+    if left <= 0:
+        raise MobileVLMError(f"{f.id}: the reads alone explain the measured decode time; the profile's GEMM efficiency cannot be solved from it")
+    return parts["compute"] / left
 
 
 # --- projection ----------------------------------------------------------------------------------------
@@ -375,7 +482,7 @@ class Projection:
 
 def project(model: str | MobileVLMConfig, recipe: str, device: str, threads: int, runtime: str,
             context: int = 256, prompt_lengths: tuple[int, ...] = (16, 64), text_prompt_tokens: int = 64,
-            bandwidth_scale: float = 1.0, model_name: str | None = None) -> Projection:
+            bandwidth_scale: float = 1.0, model_name: str | None = None, decode_positions: int = 1) -> Projection:
     """Project one model (a preset / text-model name or a config) at one recipe on one device."""
     if runtime not in PROFILES:
         raise MobileVLMError(f"unknown runtime {runtime!r}; expected one of {', '.join(PROFILES)}")
@@ -384,11 +491,11 @@ def project(model: str | MobileVLMConfig, recipe: str, device: str, threads: int
         text, config, name = model.text, model, model_name or "bundle model"
     else:
         (text, config), name = model_config(model), model
-    fmt, profile, eff = weight_format(recipe), PROFILES[runtime], calibrate(runtime)
-    bw = dev.memory_gbs * 1e9 * eff.bandwidth * bandwidth_scale
+    fmt, profile, eff = runtime_weight_format(recipe, runtime), PROFILES[runtime], calibrate(runtime)
+    bw = memory_gbs(dev, profile) * 1e9 * eff.bandwidth * bandwidth_scale
     gemm = _peak(dev, profile, fmt.compute, threads, fmt.i8mm) * eff.gemm
     count = decode_count(text, fmt, context)
-    t_mem, t_cmp = count.bytes / bw, count.macs / gemm
+    t_mem, t_cmp = count.bytes / bw, decode_positions * count.macs / gemm
     decode_s = t_mem + t_cmp + profile.overhead_ms / 1e3
     weight_s = decode_count(text, fmt, 0).weight_bytes / bw
     prefill = {n: n / (prefill_macs(text, n) / gemm + weight_s) for n in prompt_lengths}
@@ -399,6 +506,9 @@ def project(model: str | MobileVLMConfig, recipe: str, device: str, threads: int
         prompt = text_prompt_tokens + config.num_image_tokens
         ttft = encode_s + prefill_macs(text, prompt) / gemm + weight_s
     notes = []
+    if profile.processor == "ane":
+        notes.append(f"Neural Engine at {memory_gbs(dev, profile):.3g} GB/s " + ("(measured)" if (dev.npu or {}).get("ane_bandwidth_gbs") else f"({ANE_DRAM_FRACTION} x DRAM, not measured)")
+                     + "; the thread count does not apply")
     if dev.kind != "laptop" and profile.processor == "cpu" and threads > dev.cores:
         notes.append(f"{threads} threads on {dev.cores} cores: extra threads add nothing")
     return Projection(dev.id, runtime, name, recipe, threads, encode_s, prefill, 1 / decode_s, ttft, prompt,
@@ -406,7 +516,7 @@ def project(model: str | MobileVLMConfig, recipe: str, device: str, threads: int
 
 
 def project_figure(f: PublishedFigure) -> float:
-    p = project(f.model, f.recipe, f.device, f.threads, f.runtime, context=max(f.tokens, 1), prompt_lengths=(max(f.tokens, 1),))
+    p = project(f.model, f.recipe, f.device, f.threads, f.runtime, context=max(f.tokens, 1), prompt_lengths=(max(f.tokens, 1),), decode_positions=f.positions)
     if f.metric == "encode_s":
         return p.encode_s
     if f.metric == "prefill_tok_s":
@@ -534,7 +644,7 @@ def projected_record(base: dict, projection: Projection, note: str = "") -> dict
         "prompt_tokens": projection.prompt_tokens,
         "decode_tok_s": _spread(projection.decode_tok_s, band_decode),
         "prefill_tok_s": {str(n): _spread(v, band_prefill) for n, v in projection.prefill_tok_s.items()},
-        "load_s": None, "peak_rss_mb": None, "file_mb": base.get("metrics", {}).get("file_mb"),
+        "load_s": None, "peak_rss_mb": None, "file_mb": base.get("metrics", {}).get("file_mb", base.get("file_mb")),
     }
     from .runner import SCHEMA
 
@@ -557,7 +667,8 @@ def projected_record(base: dict, projection: Projection, note: str = "") -> dict
 
 
 def project_records(records: list[dict], devices: list[str], threads: tuple[int, ...] | None = None) -> list[dict]:
-    """Projected records for every measured host record whose backend has a runtime profile, on each device.
+    """Projected records for every measured host record whose backend has a runtime profile, on each device,
+    and for every Core ML record (not measurable here) on the Apple devices (`_project_unmeasured`).
 
     When ExecuTorch's or llama.cpp's own export of the same weights was measured on this host too
     (a record whose contender starts with `peer-`), our artifact's bandwidth efficiency is scaled by
@@ -567,8 +678,9 @@ def project_records(records: list[dict], devices: list[str], threads: tuple[int,
     out = []
     for device in devices:
         get_device(device)  # an unknown device fails before any work
+    out += _project_unmeasured(records, devices)
     for r in records:
-        if r.get("projected") or r.get("emulated") or "metrics" not in r or r.get("target") != "host":
+        if r.get("projected") or r.get("emulated") or "metrics" not in r or r.get("target") != "host" or r.get("backend") in UNMEASURED_BACKENDS:
             continue
         runtime = BACKEND_PROFILE.get(r["backend"])
         config = record_config(r)
@@ -595,6 +707,41 @@ def project_records(records: list[dict], devices: list[str], threads: tuple[int,
                             bandwidth_scale=scale, model_name=Path(r.get("bundle", "")).name or "bundle")
                 out.append(projected_record(r, p, note))
     return out
+
+
+def _project_unmeasured(records: list[dict], devices: list[str]) -> list[dict]:
+    """Projected records for artifacts this host cannot time (Core ML): from the record's model config
+    and recipe alone, onto the requested devices that have a Neural Engine figure, else onto
+    COREML_DEVICES. One record per artifact and device (the runner writes one skipped record per
+    thread count; the Neural Engine has no thread count). Prompt: 64 text tokens after the image,
+    32 decoded tokens (the bench defaults)."""
+    out, seen = [], set()
+    for r in records:
+        if r.get("projected") or r.get("emulated") or r.get("target") != "host" or r.get("backend") not in UNMEASURED_BACKENDS or "error" in r:
+            continue
+        if r["contender"] in seen:
+            continue
+        runtime, config = BACKEND_PROFILE[r["backend"]], record_config(r)
+        if config is None:
+            continue
+        try:
+            runtime_weight_format(r["quantization"], runtime)
+        except MobileVLMError:
+            continue
+        seen.add(r["contender"])
+        profile = PROFILES[runtime]
+        targets = [d for d in devices if _has_npu(get_device(d))] or list(COREML_DEVICES)
+        for device in dict.fromkeys(get_device(d).id for d in targets):
+            p = project(config, r["quantization"], device, 1, runtime, context=64 + config.num_image_tokens + 16, prompt_lengths=(16, 64),
+                        text_prompt_tokens=64, model_name=Path(r.get("bundle", "")).name or "bundle")
+            record = projected_record(r, p, COREML_NOTE if profile.processor == "ane" else "projected only: no host measurement exists")
+            record["threads"] = r.get("threads", 1)
+            out.append(record)
+    return out
+
+
+def _has_npu(device: Device) -> bool:
+    return bool((device.npu or {}).get("fp16_tops"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,9 @@ def _check(data: dict, path: Path) -> None:
         for part in ("npu", "gpu"):
             if device.get(part) and not device[part].get("source"):
                 raise MobileVLMError(f"{where}.{part}: missing 'source'")
+        npu = device.get("npu") or {}
+        if npu.get("ane_bandwidth_gbs") and not npu.get("ane_bandwidth_source"):
+            raise MobileVLMError(f"{where}.npu: ane_bandwidth_gbs needs 'ane_bandwidth_source' (a measured Neural Engine bandwidth names its measurement)")
 
 
 @lru_cache(maxsize=4)
@@ -157,13 +160,17 @@ def device_table_markdown(path: Path = DATA) -> str:
         d = device.raw
         accel = []
         if d.get("npu"):
-            accel.append(f"{d['npu']['name']}" + (f" {d['npu']['int8_tops']} TOPS int8" if d["npu"].get("int8_tops") else ""))
+            accel.append(f"{d['npu']['name']}" + (f" {d['npu']['int8_tops']} TOPS int8" if d["npu"].get("int8_tops") else "")
+                         + (f" {d['npu']['fp16_tops']:g} TOPS fp16" if d["npu"].get("fp16_tops") else "")
+                         + (f", {d['npu']['ane_bandwidth_gbs']:g} GB/s measured" if d["npu"].get("ane_bandwidth_gbs") else ""))
         if d.get("gpu"):
             accel.append(d["gpu"]["name"] + (f" ({d['gpu']['fp32_tflops']} fp32 TFLOPS)" if d["gpu"].get("fp32_tflops") else ""))
         sources = []
         for part in ("cpu", "memory", "npu", "gpu"):
             if d.get(part):
-                sources.append(f"{part}: {d[part]['source']}" + (f" (estimated: {d[part]['estimated']})" if d[part].get("estimated") else ""))
+                sources.append(f"{part}: {d[part]['source']}" + (f" (estimated: {d[part]['estimated']})" if d[part].get("estimated") else "")
+                               + (f" (fp16 estimated: {d[part]['fp16_estimated']})" if d[part].get("fp16_estimated") else "")
+                               + (f" (Neural Engine GB/s: {d[part]['ane_bandwidth_source']})" if d[part].get("ane_bandwidth_source") else ""))
         memory = d["memory"]
         rows.append(f"| {device.name} | {device.describe_cpu()} | {', '.join(device.features)} | {memory['type']} {memory['mt_s']} MT/s x {memory['bus_bits']} bit "
                     f"| {device.memory_gbs:g} | {'; '.join(accel) or '-'} | {'<br>'.join(sources)} |")
