@@ -48,16 +48,54 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def prompt_chunks(contender, manifest: dict, image_u8: torch.Tensor, question: str, tokenizer):
+    """The real prompt as the decoder sees it: text before the image, the image, text after it."""
+    prompt = manifest["prompt"]
+    before = torch.tensor([prompt["before_image_ids"]])
+    after = torch.tensor([tokenizer.encode(prompt["after_image"].replace(prompt["prompt_slot"], question))])
+    return contender.embed(before), contender.encode(image_u8), contender.embed(after)
+
+
+def greedy_tokens(contender, manifest: dict, image_u8: torch.Tensor, question: str, tokenizer, count: int) -> dict:
+    """`count` greedy token ids for the prompt (no stop tokens: every position is compared) and the
+    ten largest logits of the first one (random-weight models often repeat one token)."""
+    pos, tokens, top = 0, [], None
+    for chunk in prompt_chunks(contender, manifest, image_u8, question, tokenizer):
+        logits = contender.decode(chunk, torch.arange(pos, pos + chunk.shape[1]))
+        pos += chunk.shape[1]
+    count = min(count, manifest["prompt"]["context_length"] - pos)
+    for _ in range(count):
+        if top is None:
+            values, ids = torch.as_tensor(logits).flatten().float().topk(10)
+            top = {"ids": ids.tolist(), "values": values.tolist()}
+        tokens.append(int(logits.argmax()))
+        if len(tokens) < count:
+            logits = contender.decode(contender.embed(torch.tensor([[tokens[-1]]])), torch.tensor([pos]))
+            pos += 1
+    return {"tokens": tokens, "first_top10": top}
+
+
 def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, prompt_lengths: list[int], repeats: int, warmup: int, decode_tokens: int, tokenizer) -> dict:
     prompt = manifest["prompt"]
     context = prompt["context_length"]
     before = torch.tensor([prompt["before_image_ids"]])
     after = torch.tensor([tokenizer.encode(prompt["after_image"].replace(prompt["prompt_slot"], question))])
     width = manifest["model"]["config"]["text"]["hidden_size"]
+    vocab = manifest["model"]["config"]["text"]["vocab_size"]
+    # A text-decoder-only peer (benchmarks/peers/) has no image path: its prompt is the text around
+    # the image, and prefill is fed random token ids (its `embed` passes ids through) instead of
+    # random embedding rows.
+    text_only = getattr(contender, "text_only", False)
+    generator = torch.Generator().manual_seed(0)
+
+    def prefill_input(n: int) -> torch.Tensor:
+        if text_only:
+            return contender.embed(torch.randint(0, vocab, (1, n), generator=generator))
+        return torch.randn(1, n, width)
 
     def first_token() -> tuple[int, int]:
         pos = 0
-        for chunk in (contender.embed(before), contender.encode(image_u8), contender.embed(after)):
+        for chunk in ((contender.embed(before), contender.embed(after)) if text_only else (contender.embed(before), contender.encode(image_u8), contender.embed(after))):
             logits = contender.decode(chunk, torch.arange(pos, pos + chunk.shape[1]))
             pos += chunk.shape[1]
         return int(logits.argmax()), pos
@@ -74,18 +112,20 @@ def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, pr
         token, pos = first_token()
         decode_run(token, pos)
         for n in lengths:
-            contender.decode(torch.randn(1, n, width), torch.arange(n))
+            contender.decode(prefill_input(n), torch.arange(n))
     encode, ttft, decode, prefill = [], [], [], {n: [] for n in lengths}
     for _ in range(repeats):
-        encode.append(1e3 * timed(lambda: contender.encode(image_u8))[0])
+        if not text_only:
+            encode.append(1e3 * timed(lambda: contender.encode(image_u8))[0])
         seconds, (token, pos) = timed(first_token)
         ttft.append(1e3 * seconds)
         decode.append(decode_run(token, pos))
         for n in lengths:
-            embeds = torch.randn(1, n, width)
+            embeds = prefill_input(n)
             prefill[n].append(n / timed(lambda: contender.decode(embeds, torch.arange(n)))[0])
     return {
-        "image_encode_ms": spread(encode),
+        "image_encode_ms": None if text_only else spread(encode),  # None: this peer has no image path (not measured)
+        **({"scope": "text decoder", "ttft_note": "text tokens only (no image encode, no image tokens): not comparable with a full prompt's TTFT"} if text_only else {}),
         "ttft_ms": spread(ttft),
         "prompt_tokens": pos,
         "decode_tok_s": spread(decode),
@@ -99,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--contender", required=True)
     parser.add_argument("--model", type=Path, help="reference checkpoint for the pytorch contender")
+    parser.add_argument("--peer-dir", type=Path, help="a built peer folder (benchmarks/peers/): measured instead of a bundle contender")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-lengths", default="16,64")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--greedy-tokens", type=int, default=0, help="also record this many greedy token ids of the first parity case")
+    parser.add_argument("--greedy-only", action="store_true", help="record the greedy tokens only, no timings")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)  # also sizes ExecuTorch's thread pool in this process
@@ -119,17 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     case = manifest["parity"]["cases"][0]
     image_u8 = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"]).prepare_image(Image.open(bundle.path(case["image"]))).unsqueeze(0).contiguous()
     tokenizer = Tokenizer(bundle.path(manifest["tokenizer"]["file"]))
-    module = contender_module(bundle, args.contender)
-    if hasattr(module, "prepare"):
-        module.prepare()  # runtime library start-up, not model load: kept out of load_s
-    started = time.perf_counter()
-    contender = load_contender(bundle, args.contender, args.model)
+    if args.peer_dir:
+        from mobilevlm.benchmarks.peers import load_peer
+
+        started = time.perf_counter()
+        contender = load_peer(args.peer_dir, bundle)
+    else:
+        module = contender_module(bundle, args.contender)
+        if hasattr(module, "prepare"):
+            module.prepare()  # runtime library start-up, not model load: kept out of load_s
+        started = time.perf_counter()
+        contender = load_contender(bundle, args.contender, args.model)
     load_s = time.perf_counter() - started
-    metrics = measure(contender, manifest, image_u8, case["question"], [int(x) for x in args.prompt_lengths.split(",") if x], args.repeats, args.warmup, args.decode_tokens, tokenizer)
-    metrics["load_s"] = load_s
-    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    metrics["file_mb"] = contender.file_bytes / 1e6
-    args.out.write_text(json.dumps({"contender": contender.name, "backend": contender.backend, "threads": args.threads, "metrics": metrics}))
+    if args.peer_dir and contender.name != args.contender:
+        raise SystemExit(f"--contender {args.contender!r} names {contender.name!r}")
+    result = {"contender": contender.name, "backend": contender.backend, "threads": args.threads}
+    if args.greedy_tokens or args.greedy_only:
+        result["greedy"] = {"case": case["id"], **greedy_tokens(contender, manifest, image_u8, case["question"], tokenizer, args.greedy_tokens or 8)}
+    if not args.greedy_only:
+        metrics = measure(contender, manifest, image_u8, case["question"], [int(x) for x in args.prompt_lengths.split(",") if x], args.repeats, args.warmup, args.decode_tokens, tokenizer)
+        metrics["load_s"] = load_s
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        metrics["file_mb"] = contender.file_bytes / 1e6
+        result["metrics"] = metrics
+    args.out.write_text(json.dumps(result))
     return 0
 
 

@@ -285,7 +285,8 @@ class Bench:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("bundle", type=Path)
-        parser.add_argument("--target", default="host", help="host")
+        parser.add_argument("--target", default="host", help="host, emulator (ARM64 under qemu-aarch64-static; emulated times) or adb (a connected Android device)")
+        parser.add_argument("--runner", type=Path, help="adb target: a runner binary to push and run instead of the demo app's benchmark mode")
         parser.add_argument("--threads", type=int_list, default=(1,), help="thread counts to measure, e.g. 1,2")
         parser.add_argument("--prompt-lengths", type=int_list, default=(16, 64), help="prefill lengths to time")
         parser.add_argument("--repeats", type=positive_int, default=5)
@@ -293,6 +294,7 @@ class Bench:
         parser.add_argument("--decode-tokens", type=positive_int, default=32)
         parser.add_argument("--model", type=Path, help="reference checkpoint (default: the one the bundle was exported from)")
         parser.add_argument("--only", help="comma-separated contenders to run (pytorch or artifact names)")
+        parser.add_argument("--peers", help="comma-separated peers built from the same checkpoint and measured in the same run: llama.cpp, ort-genai, executorch-llm (benchmarks/peers/)")
         parser.add_argument("--project", help="comma-separated devices to project the measured records onto (list: python -m mobilevlm.benchmarks.projection --devices)")
         parser.add_argument("--project-threads", type=int_list, default=(4,), help="thread counts for the projected records")
         parser.add_argument("--results", type=Path, default=Path("results.jsonl"), help="JSON records are appended here")
@@ -311,7 +313,11 @@ class Bench:
 
             for device in devices:
                 get_device(device)
-        records = run_bench(args.bundle, args.target, args.threads, args.prompt_lengths, args.repeats, args.warmup, args.decode_tokens, args.model, only)
+        from .benchmarks.peers import parse_peers
+
+        peers = parse_peers(args.peers)  # an unknown peer fails before the long run
+        records = run_bench(args.bundle, args.target, args.threads, args.prompt_lengths, args.repeats, args.warmup, args.decode_tokens, args.model, only,
+                            runner=args.runner, peers=peers)
         if devices:
             from .benchmarks.projection import project_records
 
@@ -346,8 +352,16 @@ class Report:
         return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors follow the rule for every bad input: one `error:` line, status 2 (argparse's
+    default prints the whole usage block first, which buries the line that matters)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mobilevlm", description="MobileVLM-style models from PyTorch to phones.")
+    parser = OneLineParser(prog="mobilevlm", description="MobileVLM-style models from PyTorch to phones.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():

@@ -1,0 +1,119 @@
+"""Peers (benchmarks/peers/): the same checkpoint through llama.cpp and ONNX Runtime GenAI's builder,
+measured in the same run as the bundle's contenders, on the micro fixtures."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mobilevlm import cli
+from mobilevlm.benchmarks.peers import build_peers, checkpoint_hash, load_info, parse_peers
+from mobilevlm.benchmarks.runner import SCHEMA, run_bench
+from mobilevlm.errors import MobileVLMError
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("onnxruntime_genai")
+
+MEASURED = ["peer-llama.cpp-q4_0", "peer-llama.cpp-q4_k_m", "peer-ort-genai-int4"]
+
+
+@pytest.fixture(scope="module")
+def peer_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("peer-cache")
+
+
+@pytest.fixture(scope="module")
+def records(micro_bundle, micro_checkpoint, peer_cache):
+    return run_bench(micro_bundle, threads=(1,), prompt_lengths=(8, 32), repeats=2, warmup=1, decode_tokens=8, model_dir=micro_checkpoint,
+                     only=("executorch-8da4w-g32",), peers=("llama.cpp", "ort-genai", "executorch-llm"), peer_cache=peer_cache, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_peer_records_named_and_measured_like_contenders(records):
+    assert [r["contender"] for r in records] == ["executorch-8da4w-g32", *MEASURED, "peer-executorch-llm-8da4w"]
+    ours = records[0]
+    for r in records[1:4]:
+        assert "error" not in r and "skipped" not in r, r.get("error") or r.get("skipped")
+        assert r["schema"] == SCHEMA and r["threads"] == 1 and r["model_config"] == ours["model_config"]
+        assert r["contender"] == f"peer-{r['peer']['tool']}-{r['quantization']}"
+        m = r["metrics"]
+        for key in ("ttft_ms", "decode_tok_s"):
+            assert 0 < m[key]["min"] <= m[key]["median"] <= m[key]["max"], key
+        assert set(m["prefill_tok_s"]) == set(ours["metrics"]["prefill_tok_s"]) == {"8", "32"}
+        assert m["decode_tokens"] == ours["metrics"]["decode_tokens"] == 8
+        assert m["peak_rss_mb"] > 0 and m["file_mb"] > 0 and m["load_s"] > 0
+        # the micro model's 12x12-ish grid cannot go through llama.cpp's LDP graph; the builder has no vision path
+        assert r["peer"]["scope"] == "text decoder" and m["scope"] == "text decoder" and m["image_encode_ms"] is None and r["peer"]["scope_reason"]
+    assert records[1]["backend"] == "llama.cpp" and records[3]["backend"] == "onnxruntime-genai"
+    # q4_k_m and q4_0 are different files of the same weights
+    assert records[1]["metrics"]["file_mb"] != records[2]["metrics"]["file_mb"]
+    assert records[4]["skipped"].startswith("executorch-llm peer") and "metrics" not in records[4]
+
+
+@pytest.mark.slow
+def test_peers_hold_the_checkpoint_weights(records, micro_checkpoint):
+    import gguf
+    from safetensors.numpy import load_file
+
+    from mobilevlm.checkpoint import load_model
+    from mobilevlm.export.gguf_write import text_tensors
+    from mobilevlm.export.hf import llama_weights
+
+    model = load_model(micro_checkpoint)
+    by_name = {r["contender"]: r for r in records}
+    folder = by_name["peer-ort-genai-int4"]["peer"]["folder"]
+    info = load_info(folder)
+    assert info["checkpoint_sha256_16"] == checkpoint_hash(micro_checkpoint) and info["matmul_nbits_nodes"] > 0
+    exported = load_file(f"{folder}/{info['hf_folder']}/model.safetensors")
+    expected = llama_weights(model)
+    assert set(exported) == set(expected)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(exported[key], tensor.detach().float().numpy(), err_msg=key)
+
+    reference = text_tensors(model)
+    for quant in ("q4_0", "q4_k_m"):
+        folder = by_name[f"peer-llama.cpp-{quant}"]["peer"]["folder"]
+        reader = gguf.GGUFReader(f"{folder}/gguf/{load_info(folder)['metadata']['text_model']}")
+        tensors = {t.name: t for t in reader.tensors}
+        assert set(tensors) == set(reference)
+        quantized = 0
+        for name, want in reference.items():
+            t = tensors[name]
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            if t.tensor_type == gguf.GGMLQuantizationType.F32:
+                np.testing.assert_array_equal(got, want, err_msg=name)
+            else:
+                quantized += 1
+                assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95, name
+        assert quantized > 0
+
+
+@pytest.mark.slow
+def test_builds_are_cached(micro_checkpoint, peer_cache, records):
+    lines = []
+    peers = build_peers(("llama.cpp",), micro_checkpoint, 64, log=lines.append, cache=peer_cache)
+    assert [p.name for p in peers] == MEASURED[:2] and all(p.folder for p in peers)
+    assert all("cached build" in line for line in lines) and not any("building" in line for line in lines)
+
+
+def test_skip_paths(micro_bundle, tmp_path, monkeypatch):
+    records = run_bench(micro_bundle, repeats=1, warmup=0, decode_tokens=2, model_dir=tmp_path / "gone", only=("none",),
+                        peers=("llama.cpp",), peer_cache=tmp_path / "cache", log=lambda s: None)
+    assert [r["contender"] for r in records] == MEASURED[:2]
+    assert all("is not on this machine" in r["skipped"] for r in records)
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as if the package were not installed
+    (tmp_path / "config.json").write_text("{}")
+    peers = build_peers(("ort-genai",), tmp_path, 64, log=lambda s: None, cache=tmp_path / "cache")
+    assert peers[0].name == "peer-ort-genai-int4" and "onnxruntime_genai is not installed" in peers[0].skipped
+
+
+def test_unknown_peer_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(MobileVLMError, match="unknown peer 'vllm'"):
+        parse_peers("llama.cpp,vllm")
+    assert parse_peers("llama.cpp, ort-genai,llama.cpp") == ("llama.cpp", "ort-genai")
+    assert cli.main(["bench", str(tmp_path / "no-bundle"), "--peers", "llama.cpp,vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown peer 'vllm'" in err[0]
