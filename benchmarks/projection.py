@@ -6,7 +6,7 @@
     image encode s = vision MACs / (peak at the vision precision x encode eff.)
     TTFT           = image encode + prefill of the whole prompt (image tokens included)
 
-Bytes come from the model config and the quantization recipe (`weight_format`: bits per weight
+Bytes come from the model config and the quantization recipe (`counting.weight_format`: bits per weight
 including scales, per tensor class: block linears, output head, one embedding row, vision weights).
 Peaks come from the device profile (cores used fastest first, per-cycle MACs of each core type).
 
@@ -16,7 +16,7 @@ DRAM's; Core ML artifacts cannot run off Apple hardware, so their projection is 
 config and the recipe alone (no host measurement exists to scale it).
 
 The efficiency factors belong to a runtime (`PROFILES`), not to a device: they are solved from the
-published figures marked `calibration` below (geometric mean when several), and every other
+published figures marked `calibration` (`published.py`) (geometric mean when several), and every other
 published figure is `held-out`: `validate()` projects each and reports the error. The projection of
 one of our own artifacts uses the profile of its runtime family, scaled by how our artifact compares
 with that runtime on this host when both were measured here (`host_calibration`, from results.jsonl).
@@ -28,272 +28,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from mobilevlm.config import PRESETS, MobileVLMConfig, TextConfig
+from mobilevlm.config import MobileVLMConfig
 from mobilevlm.errors import MobileVLMError
 
-from .devices import Device, get_device
-
-# --- bytes per weight ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """Bits per weight, scales included, for each tensor class; the arithmetic precision of the kernels."""
-
-    name: str
-    linear_bits: float  # attention and MLP linears of the decoder blocks
-    head_bits: float  # output projection (read whole for every token)
-    embedding_bits: float  # one embedding row is read per token
-    vision_bits: float  # vision encoder and projector
-    compute: str  # precision of decoder matmuls: int8 (dynamic activation quantization), fp16, fp32
-    vision_compute: str
-    kv_bytes: int  # bytes per cached K / V element
-    i8mm: bool = True  # kernels use SMMLA where the cores have it
-
-
-# llama.cpp block formats (ggml-common.h): Q4_0 = 18 bytes / 32 weights, Q8_0 = 34 / 32, Q4_K = 144 / 256,
-# Q5_K = 176 / 256, Q6_K = 210 / 256. llama.cpp's quantizer writes the output head as Q6_K (except for
-# Q8_0), keeps the mmproj (vision) file in f16 and the KV cache in f16.
-Q4_0, Q8_0, Q4_K, Q6_K = 4.5, 8.5, 4.5, 6.5625
-# Q4_K_S: Q4_K with ffn_down of the first n_layer/8 layers and attn_v of the first 4 layers in Q5_K:
-# +0.04 bit/weight for the MobileLLaMA shapes. Q4_K_M: attn_v and ffn_down of about half the layers
-# in Q6_K (llama.cpp's use_more_bits rule): +0.32 bit/weight. Both checked against llama.cpp's
-# published LLaMA-7B sizes (Q4_K_S 3.59 GiB = 4.58 bpw, Q4_K_M 3.80 GiB = 4.84 bpw, all tensors).
-Q4_K_S, Q4_K_M = 4.54, 4.82
-
-
-def weight_format(recipe: str) -> WeightFormat:
-    """Our recipes (export/quantize.py, export/gguf.py) and the published runtimes' ones."""
-    r = recipe.strip().lower().replace("fp32 (eager)", "fp32")
-    r = re.sub(r"-opset\d+|-ort$", "", r) if r.startswith(("fp32-", "fp16-")) else r
-    if r in ("fp32", "f32"):
-        return WeightFormat(r, 32, 32, 32, 32, "fp32", "fp32", 4, False)
-    if r in ("fp16", "f16", "bf16"):
-        return WeightFormat(r, 16, 16, 16, 16, "fp16", "fp16", 2, False)
-    gguf = {"q4_0": (Q4_0, Q6_K), "q4_k_s": (Q4_K_S, Q6_K), "q4_k_m": (Q4_K_M, Q6_K), "q8_0": (Q8_0, Q8_0)}
-    if r in gguf:
-        linear, head = gguf[r]
-        return WeightFormat(r, linear, head, linear, 16, "int8", "fp16", 2, False)
-    if r in ("8da8w",):
-        return WeightFormat(r, 8, 8, 8, 8, "int8", "int8", 4)
-    if r == "palettize4-fp16head":
-        # coreml-llm-cli's Llama 2 7B (a published Core ML figure): 4-bit lookup tables in the blocks
-        # (304 MB per three-block chunk = 4.0 bits/weight, huggingface.co/smpanaro/Llama-2-7b-coreml),
-        # fp16 output head and embeddings (assumed: makes up the "~4GB" its README states)
-        return WeightFormat(r, 4, 16, 16, 16, "fp16", "fp16", 2, False)
-    if r == "et-spinquant":
-        # ExecuTorch's Llama 3.2 quantized recipe: 8da4w group 32 (fp32 scales) in the blocks,
-        # 8-bit per-channel output head, 8-bit embeddings; its 1B .pte (1,083 MiB) matches this count.
-        return WeightFormat(r, 4 + 32 / 32, 8, 8, 32, "int8", "fp32", 4)
-    match = re.fullmatch(r"8da4w(?:-g(\d+))?(?:-(emb8|emb4|embfp))?(-vis8)?", r)
-    if match:
-        # torchao's 8da4w lowered to XNNPACK keeps one fp32 scale per group: 4 + 32 / group bits.
-        group = int(match.group(1) or 128)
-        bits = 4 + 32 / group
-        embedding = {"emb8": 9.0, "emb4": 5.0, "embfp": 32.0}[match.group(2) or "emb8"]
-        vision8 = bool(match.group(3))
-        return WeightFormat(r, bits, bits, embedding, 8 if vision8 else 32, "int8", "int8" if vision8 else "fp32", 4)
-    match = re.fullmatch(r"int4(?:-b(\d+))?(?:-acc\d)?(-sym)?(?:-(emb4|embfp))?(-vis8)?(?:-opset\d+)?(-ort)?", r)
-    if match:
-        # ONNX MatMulNBits / Core ML blockwise int4: one fp32 (ORT) scale per block, plus a 4-bit zero
-        # point when asymmetric; arithmetic with int8 activations (accuracy_level 4) or fp32
-        block = int(match.group(1) or 32)
-        bits = 4 + (32 + (0 if match.group(2) else 4)) / block
-        embedding = {"emb4": 4 + 32 / block, "embfp": 32.0}.get(match.group(3) or "", 32.0)
-        return WeightFormat(r, bits, bits, embedding, 8 if match.group(4) else 32, "int8", "int8" if match.group(4) else "fp32", 4)
-    match = re.fullmatch(r"int8(?:-b(\d+))?(?:-(emb4|embfp))?(?:-opset\d+)?(-ort)?", r)
-    if match:  # ONNX MatMulInteger per-channel / Core ML int8 per-block
-        bits = 8 + (32 / int(match.group(1)) if match.group(1) else 0)
-        return WeightFormat(r, bits, bits, bits, bits, "int8", "int8", 4)
-    match = re.fullmatch(r"palettize4(?:-g(\d+))?", r)
-    if match:  # Core ML 4-bit lookup tables: the table is negligible, arithmetic in fp16 after the lookup
-        return WeightFormat(r, 4, 4, 4, 16, "fp16", "fp16", 2, False)
-    raise MobileVLMError(f"unknown quantization recipe {recipe!r} for the projection; expected fp32, fp16, bf16, q4_0, q4_k_s, "
-                         "q4_k_m, q8_0, 8da8w, 8da4w[-gN][-emb8|-emb4|-embfp][-vis8], int4[-bN]..., int8[-bN]..., palettize4[-gN] or et-spinquant")
-
-
-def coreml_weight_format(recipe: str) -> WeightFormat:
-    """Bytes of our Core ML recipes (export/coreml_compress.py: fp16 | int8[-bN] | int4[-bN] | palettize4[-gN]).
-
-    Core ML's weight-only compression keeps fp16 arithmetic (the weights are decompressed on the fly)
-    and an fp16 KV-cache state. Per-block scales (and int4's 4-bit zero points) are stored in the
-    weight's dtype, fp16 here (coremltools 9.0 optimize/_utils.py: `scale.astype(weight.dtype)`); the 4-bit lookup tables (16 fp16 entries per group of output channels) are
-    negligible. Vision, projector and embedding table: int8 per-block 32 in every compressed recipe."""
-    match = re.fullmatch(r"(fp16|int8|int4|palettize4)(?:-([bg])(\d+))?", recipe.strip().lower())
-    if not match:
-        raise MobileVLMError(f"unknown Core ML recipe {recipe!r} for the projection; expected fp16 | int8[-bN] | int4[-bN] | palettize4[-gN]")
-    scheme, size = match.group(1), int(match.group(3) or 0)
-    if scheme == "fp16":
-        return WeightFormat(recipe, 16, 16, 16, 16, "fp16", "fp16", 2, False)
-    rest = 8 + 16 / 32
-    bits = {"int8": 8 + 16 / (size or 32), "int4": 4 + (16 + 4) / (size or 32), "palettize4": 4.0}[scheme]
-    return WeightFormat(recipe, bits, bits, rest, rest, "fp16", "fp16", 2, False)
-
-
-# --- counting --------------------------------------------------------------------------------------
-
-
-def block_linear_params(t: TextConfig) -> int:
-    kv = t.num_kv_heads * t.head_dim
-    return 2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
-
-
-@dataclass(frozen=True)
-class DecodeCount:
-    weight_bytes: float
-    kv_bytes: float
-    macs: float
-
-    @property
-    def bytes(self) -> float:
-        return self.weight_bytes + self.kv_bytes
-
-
-def decode_count(t: TextConfig, fmt: WeightFormat, context: int) -> DecodeCount:
-    """Bytes read and MACs for one decoded token with `context` positions in the cache."""
-    linear = t.num_layers * block_linear_params(t)
-    head = t.vocab_size * t.hidden_size
-    norms = (2 * t.num_layers + 1) * t.hidden_size * 4
-    weights = linear * fmt.linear_bits / 8 + head * fmt.head_bits / 8 + t.hidden_size * fmt.embedding_bits / 8 + norms
-    kv_dim = t.num_kv_heads * t.head_dim
-    kv = 2 * t.num_layers * kv_dim * context * fmt.kv_bytes
-    attention = 2 * t.num_layers * t.hidden_size * context  # q.k over every cached position, then p.v
-    return DecodeCount(weights, kv, linear + head + attention)
-
-
-def prefill_macs(t: TextConfig, tokens: int) -> float:
-    """MACs of a causal prefill of `tokens` positions; logits for the last position only."""
-    linear = tokens * t.num_layers * block_linear_params(t)
-    attention = t.num_layers * t.hidden_size * tokens * (tokens + 1)  # causal q.k and p.v
-    return linear + attention + t.vocab_size * t.hidden_size
-
-
-def vision_macs(config: MobileVLMConfig) -> float:
-    """Image encoder (the layers that run up to select_layer) and projector."""
-    v, d = config.vision, config.text.hidden_size
-    tokens = v.num_patches + 1
-    layer = tokens * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 2 * tokens * tokens * v.hidden_size
-    patch = v.num_patches * 3 * v.patch_size**2 * v.hidden_size
-    mlp = v.num_patches * (v.hidden_size * d + d * d)
-    grid = v.grid_size
-    if config.projector.type == "ldp":  # two inverted-residual blocks: pointwise D x D at full, then half resolution
-        extra = grid * grid * d * d + ((grid + 1) // 2) ** 2 * d * d + 9 * grid * grid * d
-    elif config.projector.type == "ldpv2":  # pooling + depthwise 3x3 positional conv
-        extra = 9 * config.projector.pool_size**2 * d
-    else:
-        extra = 0
-    return v.num_layers_used * layer + patch + mlp + extra
-
-
-# --- models named by published figures ---------------------------------------------------------------
-
-LLAMA_3_2_1B = TextConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-                          max_seq_len=2048, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
-LLAMA_3_2_3B = TextConfig(vocab_size=128256, hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192,
-                          max_seq_len=2048, rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
-LLAMA_3_8B = TextConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
-                        max_seq_len=2048, rope_theta=500000.0, rms_norm_eps=1e-5, bos_id=128000, eos_id=128001)
-LLAMA_2_7B = TextConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
-                        max_seq_len=4096, rope_theta=10000.0, rms_norm_eps=1e-5, bos_id=1, eos_id=2)
-TEXT_MODELS = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.2-3b": LLAMA_3_2_3B, "llama-3-8b": LLAMA_3_8B, "llama-2-7b": LLAMA_2_7B}
-
-
-def model_config(name: str) -> tuple[TextConfig, MobileVLMConfig | None]:
-    if name in PRESETS:
-        config = PRESETS[name]
-        return config.text, config
-    if name in TEXT_MODELS:
-        return TEXT_MODELS[name], None
-    raise MobileVLMError(f"unknown model {name!r}; expected one of {', '.join([*PRESETS, *TEXT_MODELS])}")
-
-
-# --- published figures: the calibration and the validation set ---------------------------------------
-
-LLAMA_CPP_MOBILEVLM = "llama.cpp docs/multimodal/MobileVLM.md (github.com/ggml-org/llama.cpp), MobileVLM 1.7B / V2 1.7B, q4_k_s decoder + f16 mmproj"
-EXECUTORCH_LLAMA = "ExecuTorch examples/models/llama/README.md (github.com/pytorch/executorch), 'Performance' tables, prompt length 64, KleidiAI on"
-
-
-@dataclass(frozen=True)
-class PublishedFigure:
-    id: str
-    model: str
-    recipe: str
-    device: str
-    threads: int
-    runtime: str
-    metric: str  # decode_tok_s | prefill_tok_s | encode_s
-    value: float
-    tokens: int  # prompt tokens (prefill) or the average context while decoding
-    role: str  # calibration | held-out
-    source: str
-    note: str = ""
-    positions: int = 1  # positions computed per decoded token (a fixed-shape Neural Engine model runs its whole window)
-
-
-COREML_LLM_CLI = ("coreml-llm-cli README (github.com/smpanaro/coreml-llm-cli), 'Performance': Llama 2 7B on the Neural Engine, "
-                  "--max-new-tokens 80; the model processes 64 tokens per call against a 448-token cache")
-
-# Decode contexts: prompt tokens + half the generated tokens of the logged run. Threads: as logged
-# (-t 4 on the phones; llama.cpp's default, the physical core count, on the i7; ExecuTorch's runner
-# default, its "performant" cores = the 6 non-little cores of the Snapdragon 8 Gen 3).
-PUBLISHED: tuple[PublishedFigure, ...] = (
-    PublishedFigure("sd888-encode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "encode_s", 21.149, 0, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd888-prefill", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 19.74, 246, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd888-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "decode_tok_s", 14.12, 249, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd888-paper-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-888", 4, "llama.cpp-cpu-arm", "decode_tok_s", 21.5, 256, "held-out",
-                    "MobileVLM paper (arXiv 2312.16886), abstract and latency table: 21.5 tokens/s on a Snapdragon 888 CPU, 4-bit llama.cpp",
-                    "threads and context not stated (4 and 256 assumed); the same model on the same chip as sd888-decode, 1.5x faster"),
-    PublishedFigure("sd778g-encode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "encode_s", 18.729, 0, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd778g-prefill", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 23.52, 191, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd778g-decode", "mobilevlm-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "decode_tok_s", 13.92, 198, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd778g-v2-encode", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "encode_s", 20.610, 0, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd778g-v2-prefill", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "prefill_tok_s", 21.12, 191, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("sd778g-v2-decode", "mobilevlm-v2-1.7b", "q4_k_s", "snapdragon-778g", 4, "llama.cpp-cpu-arm", "decode_tok_s", 12.83, 284, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-encode", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "encode_s", 2.731, 0, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-prefill", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "prefill_tok_s", 93.52, 190, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-decode", "mobilevlm-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "decode_tok_s", 27.34, 196, "calibration", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-v2-encode", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "encode_s", 3.224, 0, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-v2-prefill", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "prefill_tok_s", 76.77, 190, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("i7-10750h-v2-decode", "mobilevlm-v2-1.7b", "q4_k_s", "intel-i7-10750h", 6, "llama.cpp-cpu-x86", "decode_tok_s", 25.34, 301, "held-out", LLAMA_CPP_MOBILEVLM),
-    PublishedFigure("orin-gpu-encode", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "encode_s", 0.2966, 0, "calibration", LLAMA_CPP_MOBILEVLM, "GPU (--n-gpu-layers 999); Orin variant not named, AGX Orin 64GB assumed"),
-    PublishedFigure("orin-gpu-prefill", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "prefill_tok_s", 801.72, 246, "calibration", LLAMA_CPP_MOBILEVLM, "GPU"),
-    PublishedFigure("orin-gpu-decode", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "decode_tok_s", 65.58, 249, "calibration", LLAMA_CPP_MOBILEVLM, "GPU"),
-    PublishedFigure("orin-gpu-decode-2", "mobilevlm-1.7b", "q4_k_s", "jetson-agx-orin", 1, "llama.cpp-cuda", "decode_tok_s", 66.01, 237, "held-out", LLAMA_CPP_MOBILEVLM, "GPU; a second run of the same setup (case 2), so only a repeatability check"),
-    PublishedFigure("op12-1b-spinquant-prefill", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 260.5, 64, "calibration", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-1b-spinquant-decode", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 50.2, 96, "calibration", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-3b-spinquant-prefill", "llama-3.2-3b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 89.7, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-3b-spinquant-decode", "llama-3.2-3b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 19.7, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-1b-qat-lora-decode", "llama-3.2-1b", "et-spinquant", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 45.8, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12; QAT+LoRA keeps bf16 LoRA adapters (not counted)"),
-    PublishedFigure("op12-1b-bf16-decode", "llama-3.2-1b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 19.2, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-1b-bf16-prefill", "llama-3.2-1b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 60.3, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-3b-bf16-decode", "llama-3.2-3b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 7.6, 96, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-3b-bf16-prefill", "llama-3.2-3b", "bf16", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "prefill_tok_s", 21.2, 64, "held-out", EXECUTORCH_LLAMA, "OnePlus 12"),
-    PublishedFigure("op12-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.85, 128, "held-out", EXECUTORCH_LLAMA, "OnePlus 12; context not published, 128 assumed"),
-    PublishedFigure("s24-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-3", 6, "executorch-xnnpack", "decode_tok_s", 10.91, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S24, US model (Snapdragon 8 Gen 3) assumed"),
-    PublishedFigure("s22-llama3-8b-decode", "llama-3-8b", "8da4w-g128-emb4", "snapdragon-8-gen-1", 4, "executorch-xnnpack", "decode_tok_s", 7.85, 128, "held-out", EXECUTORCH_LLAMA, "Galaxy S22, US model (Snapdragon 8 Gen 1) assumed; 4 performant cores"),
-    # Core ML on the Neural Engine: one model version (a76a14d) measured on five chips. Calibration on
-    # one chip, the other four held out; they test the device scaling (Neural Engine bandwidth and fp16 rate).
-    PublishedFigure("m1max-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m1-max", 1, "coreml-ane", "decode_tok_s", 4.97, 512, "calibration",
-                    COREML_LLM_CLI, "model version 1 (a76a14d)", positions=64),
-    PublishedFigure("m2-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m2", 1, "coreml-ane", "decode_tok_s", 5.51, 512, "held-out",
-                    COREML_LLM_CLI, "model version 1; published 5.51 +- 0.56", positions=64),
-    PublishedFigure("m3-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m3", 1, "coreml-ane", "decode_tok_s", 7.12, 512, "held-out",
-                    COREML_LLM_CLI, "model version 1", positions=64),
-    PublishedFigure("m3max-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m3-max", 1, "coreml-ane", "decode_tok_s", 7.6, 512, "held-out",
-                    COREML_LLM_CLI, "model version 1; M3 Max variant (16- or 14-core) not named, 16-core assumed", positions=64),
-    PublishedFigure("m4-ane-llama2-7b-decode", "llama-2-7b", "palettize4-fp16head", "apple-m4", 1, "coreml-ane", "decode_tok_s", 7.76, 512, "held-out",
-                    COREML_LLM_CLI, "model version 1 on an M4 iPad (iPad Pro 2024)", positions=64),
-    PublishedFigure("m1max-ane-llama2-7b-v2-decode", "llama-2-7b", "palettize4-fp16head", "apple-m1-max", 1, "coreml-ane", "decode_tok_s", 7.02, 512, "held-out",
-                    COREML_LLM_CLI, "the current model version (8x8-reshaped MLP convolutions, split-einsum attention): 1.41x version 1 on the same chip, "
-                    "a software gain the profile (calibrated on version 1) does not contain", positions=64),
+from .counting import (  # noqa: F401  (re-exported: the projection's public names)
+    LLAMA_2_7B, LLAMA_3_2_1B, LLAMA_3_2_3B, LLAMA_3_8B, TEXT_MODELS, DecodeCount, WeightFormat, block_linear_params, coreml_weight_format,
+    decode_count, model_config, prefill_macs, vision_macs, weight_format,
 )
+from .devices import Device, get_device
+from .published import COREML_LLM_CLI, EXECUTORCH_LLAMA, LLAMA_CPP_MOBILEVLM, PUBLISHED, PublishedFigure  # noqa: F401
 
 
 # --- runtime profiles --------------------------------------------------------------------------------
