@@ -163,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     image_u8 = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"]).prepare_image(Image.open(bundle.path(case["image"]))).unsqueeze(0).contiguous()
     tokenizer = Tokenizer(bundle.path(manifest["tokenizer"]["file"]))
     if args.peer_dir:
-        from mobilevlm.benchmarks.peers import load_peer
+        from mobilevlm.benchmarks.peers import load_info, load_peer, module as peer_module
 
+        tool = peer_module(load_info(args.peer_dir)["tool"])
+        if hasattr(tool, "prepare"):
+            tool.prepare()  # runtime library start-up, not model load: kept out of load_s
         started = time.perf_counter()
         contender = load_peer(args.peer_dir, bundle)
     else:

@@ -1,7 +1,7 @@
 """Peers: the same weights as a bundle, run by the tool a user would pick instead of our artifacts,
 measured in the same `mobilevlm bench` run with the same prompts, threads and decode tokens.
 
-    mobilevlm bench BUNDLE --peers llama.cpp,ort-genai[,executorch-llm]
+    mobilevlm bench BUNDLE --peers llama.cpp,ort-genai,executorch-llm
 
 Each peer is built from the bundle's source checkpoint (manifest `model.source`, or `--model`) with
 that tool's own path, cached under ~/.cache/mobilevlm/peers/<checkpoint hash>/<tool>-<quant>/ (override:
@@ -12,7 +12,10 @@ in a fresh process like every contender. Records are named `peer-<tool>-<quant>`
   `llama_model_quantize`, run through llama-cpp-python. Recipes q4_0 and q4_k_m.
 - `ort-genai` (ortgenai.py): our `hf` export fed to ONNX Runtime GenAI's model builder (int4, CPU),
   run through `onnxruntime_genai`. Decoder only (the builder has no MobileVLM vision path).
-- `executorch-llm` (executorch_llm.py): ExecuTorch's own LLM export; see that module for its status.
+- `executorch-llm` (executorch_llm.py): ExecuTorch's own LLM export (`export_llama`: XNNPACK, 8da4w
+  group 32, KV cache with its custom SDPA op) of the decoder weights in Meta's checkpoint layout
+  (`use_hf_rope`, so no q/k permutation), run through `executorch.runtime` with its llm custom ops.
+  Decoder only.
 
 A peer whose tool is not installed, or that cannot represent the model, gives a record with
 `skipped: <reason>`; a peer that can run only the text decoder says so in `scope` (`text decoder`)

@@ -1,5 +1,5 @@
-"""Peers (benchmarks/peers/): the same checkpoint through llama.cpp and ONNX Runtime GenAI's builder,
-measured in the same run as the bundle's contenders, on the micro fixtures."""
+"""Peers (benchmarks/peers/): the same checkpoint through llama.cpp, ONNX Runtime GenAI's builder and
+ExecuTorch's export_llama, measured in the same run as the bundle's contenders, on the micro fixtures."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mobilevlm.errors import MobileVLMError
 pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime_genai")
 
-MEASURED = ["peer-llama.cpp-q4_0", "peer-llama.cpp-q4_k_m", "peer-ort-genai-int4"]
+MEASURED = ["peer-llama.cpp-q4_0", "peer-llama.cpp-q4_k_m", "peer-ort-genai-int4", "peer-executorch-llm-8da4w"]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def records(micro_bundle, micro_checkpoint, peer_cache):
 
 @pytest.mark.slow
 def test_peer_records_named_and_measured_like_contenders(records):
-    assert [r["contender"] for r in records] == ["executorch-8da4w-g32", *MEASURED, "peer-executorch-llm-8da4w"]
+    assert [r["contender"] for r in records] == ["executorch-8da4w-g32", *MEASURED]
     ours = records[0]
-    for r in records[1:4]:
+    for r in records[1:]:
         assert "error" not in r and "skipped" not in r, r.get("error") or r.get("skipped")
         assert r["schema"] == SCHEMA and r["threads"] == 1 and r["model_config"] == ours["model_config"]
         assert r["contender"] == f"peer-{r['peer']['tool']}-{r['quantization']}"
@@ -45,12 +45,13 @@ def test_peer_records_named_and_measured_like_contenders(records):
         assert set(m["prefill_tok_s"]) == set(ours["metrics"]["prefill_tok_s"]) == {"8", "32"}
         assert m["decode_tokens"] == ours["metrics"]["decode_tokens"] == 8
         assert m["peak_rss_mb"] > 0 and m["file_mb"] > 0 and m["load_s"] > 0
-        # the micro model's 12x12-ish grid cannot go through llama.cpp's LDP graph; the builder has no vision path
+        # the micro model's 12x12-ish grid cannot go through llama.cpp's LDP graph; the builders have no vision path
         assert r["peer"]["scope"] == "text decoder" and m["scope"] == "text decoder" and m["image_encode_ms"] is None and r["peer"]["scope_reason"]
-    assert records[1]["backend"] == "llama.cpp" and records[3]["backend"] == "onnxruntime-genai"
+    assert records[1]["backend"] == "llama.cpp" and records[3]["backend"] == "onnxruntime-genai" and records[4]["backend"] == "executorch"
     # q4_k_m and q4_0 are different files of the same weights
     assert records[1]["metrics"]["file_mb"] != records[2]["metrics"]["file_mb"]
-    assert records[4]["skipped"].startswith("executorch-llm peer") and "metrics" not in records[4]
+    et = records[4]["peer"]
+    assert "-qmode 8da4w -G 32" in et["builder"] and "--use_sdpa_with_kv_cache" in et["builder"] and et["params"]["use_hf_rope"] is True
 
 
 @pytest.mark.slow
@@ -96,6 +97,9 @@ def test_builds_are_cached(micro_checkpoint, peer_cache, records):
     lines = []
     peers = build_peers(("llama.cpp",), micro_checkpoint, 64, log=lines.append, cache=peer_cache)
     assert [p.name for p in peers] == MEASURED[:2] and all(p.folder for p in peers)
+    lines = []
+    peers = build_peers(("executorch-llm",), micro_checkpoint, 64, log=lines.append, cache=peer_cache)
+    assert [p.name for p in peers] == MEASURED[3:] and peers[0].folder and "cached build" in lines[0]
     assert all("cached build" in line for line in lines) and not any("building" in line for line in lines)
 
 
@@ -117,3 +121,66 @@ def test_unknown_peer_is_one_error_line(tmp_path, capsys):
     assert cli.main(["bench", str(tmp_path / "no-bundle"), "--peers", "llama.cpp,vllm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown peer 'vllm'" in err[0]
+
+
+def _prompt_logits(text, ids):
+    with torch.no_grad():
+        return text(text.embed_tokens(ids))[0]
+
+
+def test_executorch_llm_weight_and_rotary_mapping(micro_checkpoint):
+    """Our decoder's weights under Meta names + params.json, loaded into export_llama's own eager
+    Transformer: the same logits at fp32 at every position. Without `use_hf_rope` (Meta's interleaved
+    rotary) they differ, so the mapping needs no q/k permutation only because of that flag."""
+    pytest.importorskip("executorch.examples.models.llama.llama_transformer")
+    from executorch.examples.models.llama.llama_transformer import construct_transformer
+    from executorch.examples.models.llama.model_args import ModelArgs
+
+    from mobilevlm.benchmarks.peers.executorch_llm import meta_params, meta_state_dict
+    from mobilevlm.checkpoint import load_model
+
+    text = load_model(micro_checkpoint).eval().text
+    ids = torch.randint(0, text.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    want = _prompt_logits(text, ids)
+    for hf_rope in (True, False):
+        params = {**meta_params(text.config), "use_hf_rope": hf_rope}
+        theirs = construct_transformer(ModelArgs(max_seq_len=32, max_context_len=32, generate_full_logits=True, **params)).eval()
+        weights = meta_state_dict(text)
+        missing, unexpected = theirs.load_state_dict(weights, strict=False)
+        assert not [k for k in missing if k.endswith(".weight")] and not unexpected
+        with torch.no_grad():
+            got = theirs(ids)
+        got = (got[0] if isinstance(got, tuple) else got).reshape(want.shape)
+        if hf_rope:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            assert (got - want).abs().max() > 1e-3  # 100x the fp32 match above
+
+
+def _peer_logits(pte, ids, prefill):
+    from mobilevlm.benchmarks.peers.executorch_llm import Program
+
+    program = Program(pte)
+    got = [program.logits(ids[:, :prefill], 0)]
+    got += [program.logits(ids[:, i:i + 1], i) for i in range(prefill, ids.shape[1])]
+    return torch.stack(got)
+
+
+@pytest.mark.slow
+def test_executorch_llm_pte_logits_match_ours(records, micro_checkpoint, tmp_path):
+    """The exported programs (custom SDPA + KV cache, XNNPACK): prefill then one token at a time.
+    fp32 export_llama .pte == our model; the peer's 8da4w .pte correlates with it per position."""
+    from mobilevlm.benchmarks.peers.executorch_llm import export_pte
+    from mobilevlm.checkpoint import load_model
+
+    text = load_model(micro_checkpoint).eval().text
+    ids = torch.randint(0, text.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    want = _prompt_logits(text, ids)[15:]
+    fp32, _ = export_pte(text, tmp_path / "fp32", 64, "fp32")
+    torch.testing.assert_close(_peer_logits(fp32, ids, 16), want, rtol=1e-4, atol=1e-4)
+
+    folder = {r["contender"]: r for r in records}["peer-executorch-llm-8da4w"]["peer"]["folder"]
+    got = _peer_logits(f"{folder}/{load_info(folder)['files']}", ids, 16)
+    corr = [np.corrcoef(g.numpy(), w.numpy())[0, 1] for g, w in zip(got, want)]
+    assert min(corr) > 0.9, corr
+    assert (got - want).abs().max() > 1e-4  # it is quantized
