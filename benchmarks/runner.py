@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from mobilevlm.errors import MobileVLMError
 from mobilevlm.export.bundle import git_commit, load_bundle, versions
@@ -86,7 +86,7 @@ def run_bench(
         return run_adb(bundle, Path(bundle_dir), runner=runner, repeats=repeats, warmup=warmup, threads=threads, only=only, timeout=timeout, log=log)
     base = {"schema": SCHEMA, "bundle": str(bundle_dir), "target": target, "emulated": target == "emulator", "projected": False,
             "machine": machine_facts(), "versions": versions(), "git_commit": git_commit()}
-    python, env, extra, emulator, greedy = [sys.executable], {}, [], None, 0
+    python, env, emulator, greedy = [sys.executable], {}, None, 0
     if target == "emulator":
         from .targets.emulator import BACKENDS, Emulator
 
@@ -209,17 +209,23 @@ def append_records(path: Path, records: list[dict]) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
+def json_lines(text: str, source: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-empty line of a JSON-lines text; a bad line names its place."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MobileVLMError(f"{source}:{number}: not a JSON record ({exc.msg})") from None
+        yield number, value
+
+
 def read_records(path: Path) -> list[dict]:
     if not Path(path).is_file():
         raise MobileVLMError(f"{path}: no such results file")
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MobileVLMError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+    for number, record in json_lines(Path(path).read_text(), str(path)):
         if not isinstance(record, dict) or record.get("schema") != SCHEMA:
             raise MobileVLMError(f"{path}:{number}: field 'schema' must be {SCHEMA!r}")
         records.append(record)

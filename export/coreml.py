@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilevlm.errors import ExportError
+from mobilevlm.fileio import disk_bytes
 from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
 from mobilevlm.text import apply_rope
 
 from .coreml_check import VERIFICATION_NOTE, CoreMLSession, load_program
 from .coreml_compress import CoreMLRecipe, check_block_size, compress, parse_recipe
-from .executorch import ExportReport
+from .pipeline import ExportReport
 
 MODELS = ("vision", "embedding", "decoder")
 MIN_STATEFUL_TARGET = 18  # Core ML state (the KV cache) exists from iOS 18 / macOS 15 on
@@ -281,7 +282,7 @@ def export_coreml(model: MobileVLM, processor: Processor, recipe: CoreMLRecipe, 
     }
     if note := untested_torch_note():
         metadata["torch_note"] = note
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    size = disk_bytes(path)
     specs = model_specs(model, cache_len, target, saved_states(path / "decoder.mlpackage"))
     return ExportReport(path, time.time() - started, size, specs, metadata)
 

@@ -203,14 +203,9 @@ class CoreMLSession:
         return self.embedding.predict({"input_ids": np.array([ids], dtype=np.int32)})["embeddings"]
 
     def check_length(self, prompt: str) -> list[int]:
-        from mobilevlm.errors import PromptError
-        from mobilevlm.processing import check_prompt
+        from .parity import ids_after_image
 
-        after = self.tokenizer.encode(self.prompt["after_image"].replace(self.prompt["prompt_slot"], check_prompt(prompt)))
-        total = len(self.prompt["before_image_ids"]) + self.prompt["image_tokens"] + len(after)
-        if total >= self.prompt["context_length"]:
-            raise PromptError(f"prompt takes {total} tokens (image included); {self.folder.name} was exported with a context of {self.prompt['context_length']}")
-        return after
+        return ids_after_image(self.prompt, self.tokenizer, prompt, self.folder.name)
 
     def decode(self, embeds: np.ndarray, start: int) -> np.ndarray:
         """Logits [V] after `embeds` [1, T, D] written at positions start..start+T-1."""

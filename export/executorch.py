@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
 from mobilevlm.text import apply_rope
 
+from .pipeline import ExportReport
 from .quantize import QuantRecipe, check_group_size, quantize_embedding, quantize_linears
 
 # Kernels an app's ExecuTorch build must register to run our .pte (Android's and iOS's LLM runtime
@@ -115,15 +115,6 @@ class TextDecoderMethod(nn.Module):
         for layer in self.text.layers:
             x = layer(x, cos, sin, input_pos, None)
         return self.text.lm_head(self.text.norm(x[:, -1, :]))
-
-
-@dataclass
-class ExportReport:
-    path: Path
-    seconds: float
-    size_bytes: int
-    methods: dict
-    metadata: dict
 
 
 def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
@@ -269,14 +260,9 @@ class ExecuTorchSession:
 
     def check_length(self, prompt: str) -> list[int]:
         """Token ids after the image; a prompt that cannot fit the exported context is a `PromptError`."""
-        from mobilevlm.errors import PromptError
-        from mobilevlm.processing import check_prompt
+        from .parity import ids_after_image
 
-        after = self.tokenizer.encode(self.prompt["after_image"].replace(self.prompt["prompt_slot"], check_prompt(prompt)))
-        total = len(self.prompt["before_image_ids"]) + self.prompt["image_tokens"] + len(after)
-        if total >= self.prompt["context_length"]:
-            raise PromptError(f"prompt takes {total} tokens (image included); {self.path.name} was exported with a context of {self.prompt['context_length']}")
-        return after
+        return ids_after_image(self.prompt, self.tokenizer, prompt, self.path.name)
 
     def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
         from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_text_input, make_token_input

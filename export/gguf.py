@@ -31,6 +31,7 @@ from mobilevlm.processing import Processor
 
 from .gguf_layout import check_representable
 from .gguf_write import quantize_text_model, read_bpe_tokenizer, tensor_type_census, write_mmproj, write_text_model
+from .pipeline import ExportReport
 
 RECIPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 
@@ -71,15 +72,6 @@ def parse_recipe(name: str) -> GgufRecipe:
     if name not in RECIPES:
         raise ExportError(f"unknown quantization recipe {name!r} for gguf; expected one of {', '.join(RECIPES)}")
     return GgufRecipe(name)
-
-
-@dataclass
-class ExportReport:
-    path: Path
-    seconds: float
-    size_bytes: int
-    methods: dict
-    metadata: dict
 
 
 def text_file(recipe: str) -> str:

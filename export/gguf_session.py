@@ -51,9 +51,10 @@ def _failure(message: str) -> ExportError:
 
 
 class LlamaCppRuntime:
-    """A text GGUF + mmproj GGUF loaded in llama.cpp, with a context of `n_ctx` positions."""
+    """A text GGUF + mmproj GGUF loaded in llama.cpp, with a context of `n_ctx` positions; with
+    `mmproj_path` None, the text model alone (no mtmd context: text-only benchmark peers)."""
 
-    def __init__(self, text_path: Path, mmproj_path: Path, n_ctx: int, threads: int, kv_type: str = "f16", flash_attention: str = "auto"):
+    def __init__(self, text_path: Path, mmproj_path: Path | None, n_ctx: int, threads: int, kv_type: str = "f16", flash_attention: str = "auto"):
         ll, mtmd = _bindings()
         self.ll, self.mtmd = ll, mtmd
         self.model = self.ctx = self.mtmd_ctx = None
@@ -75,6 +76,8 @@ class LlamaCppRuntime:
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.n_embd = ll.llama_model_n_embd(self.model)
         self.n_ctx = n_ctx
+        if mmproj_path is None:
+            return
         mparams = mtmd.mtmd_context_params_default()
         mparams.use_gpu = False
         mparams.print_timings = False

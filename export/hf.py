@@ -30,8 +30,11 @@ import torch
 
 from mobilevlm.checkpoint import _LDP_BLOCK  # the published LDP block names, inverted here
 from mobilevlm.errors import ExportError
+from mobilevlm.fileio import disk_bytes
 from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
+
+from .pipeline import ExportReport
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -52,15 +55,6 @@ def parse_recipe(name: str) -> HFRecipe:
     if name not in DTYPES:
         raise ExportError(f"unknown recipe {name!r} for the hf backend; expected one of {', '.join(DTYPES)} (the dtype of the written weights)")
     return HFRecipe(name, DTYPES[name])
-
-
-@dataclass
-class ExportReport:
-    path: Path
-    seconds: float
-    size_bytes: int
-    methods: dict
-    metadata: dict
 
 
 def llama_weights(model: MobileVLM) -> dict[str, torch.Tensor]:
@@ -192,7 +186,7 @@ def export_hf(model: MobileVLM, processor: Processor, recipe: HFRecipe, path: Pa
     _write_json(path / VISION_FOLDER / "config.json", vision_config)
     _write_json(path / VISION_FOLDER / "preprocessor_config.json", preprocessor)
     _save(clip_weights(model), path / VISION_FOLDER / "model.safetensors", recipe.dtype)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    size = disk_bytes(path)
     metadata = {"context_length": context, "transformers": transformers.__version__, "language_model": ".", "vision_tower": VISION_FOLDER,
                 "projector": "mm_projector.safetensors", "loads_with": ["transformers.LlamaForCausalLM", "transformers.CLIPVisionModel", "mobilevlm.load_model"]}
     methods = {

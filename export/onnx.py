@@ -47,8 +47,11 @@ from pathlib import Path
 import onnxruntime  # noqa: F401  missing -> get_backend names the package (the `onnx` extra)
 
 from mobilevlm.errors import ExportError
+from mobilevlm.fileio import disk_bytes
 from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
+
+from .pipeline import ExportReport
 
 RECIPE_GRAMMAR = "fp32 | fp16 | int8[-emb4|-embfp] | int4[-b16|-b32|-b64|-b128|-b256][-acc0..4][-sym][-emb4|-embfp][-vis8], then optionally [-gqa][-opset18..23][-ort]"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -112,15 +115,6 @@ def parse_recipe(name: str) -> OnnxRecipe:
     return OnnxRecipe(name, precision, block_size, accuracy_level, bool(symmetric), bits, bool(vision8) or precision == "int8", bool(gqa), opset_version, bool(ort_format))
 
 
-@dataclass
-class ExportReport:
-    path: Path
-    seconds: float
-    size_bytes: int
-    methods: dict
-    metadata: dict
-
-
 def export_onnx(model: MobileVLM, processor: Processor, recipe: OnnxRecipe, path: Path, context_length: int | None = None) -> ExportReport:
     """Export, quantize and (when onnxruntime-genai is installed) cross-check the artifact folder `path`."""
     from .bundle import write_tokenizer
@@ -173,7 +167,7 @@ def export_onnx(model: MobileVLM, processor: Processor, recipe: OnnxRecipe, path
     _check_loads(path, files)
     metadata["onnxruntime_genai"] = genai_check(model, processor, path, metadata)
     logging.info("wrote %s", path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    size = disk_bytes(path)
     return ExportReport(path, time.time() - started, size, graph_specs(model, context, recipe), metadata)
 
 

@@ -79,14 +79,9 @@ class PromptedSession:
 
     def prompt_parts(self, prompt: str) -> tuple[list[int], list[int]]:
         """Ids before and after the image; a prompt too long for the exported context is a PromptError."""
-        from mobilevlm.processing import check_prompt
+        from .parity import ids_after_image
 
-        before = list(self.prompt["before_image_ids"])
-        after = self.tokenizer.encode(self.prompt["after_image"].replace(self.prompt["prompt_slot"], check_prompt(prompt)))
-        total = len(before) + self.prompt["image_tokens"] + len(after)
-        if total >= self.context:
-            raise PromptError(f"prompt takes {total} tokens (image included); {self.folder.name} was exported with a context of {self.context}")
-        return before, after
+        return list(self.prompt["before_image_ids"]), ids_after_image(self.prompt, self.tokenizer, prompt, self.folder.name)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The whole prompt's ids, each image position an `IMAGE_PLACEHOLDER_ID`."""

@@ -68,6 +68,20 @@ class ArtifactSession(Protocol):
         ...
 
 
+def ids_after_image(prompt_spec: dict, tokenizer, prompt: str, artifact: str) -> list[int]:
+    """Token ids after the image for `prompt`, from the manifest's prompt template (`prompt_spec`);
+    a prompt that does not fit the exported context with the prefix and the image is a PromptError
+    naming the artifact, before any runtime is asked."""
+    from mobilevlm.errors import PromptError
+    from mobilevlm.processing import check_prompt
+
+    after = tokenizer.encode(prompt_spec["after_image"].replace(prompt_spec["prompt_slot"], check_prompt(prompt)))
+    total = len(prompt_spec["before_image_ids"]) + prompt_spec["image_tokens"] + len(after)
+    if total >= prompt_spec["context_length"]:
+        raise PromptError(f"prompt takes {total} tokens (image included); {artifact} was exported with a context of {prompt_spec['context_length']}")
+    return after
+
+
 @dataclass
 class Reference:
     text: str

@@ -20,6 +20,18 @@ from .bundle import finalize_manifest, new_manifest, write_tokenizer
 from .parity import compare, parity_cases
 
 
+@dataclass
+class ExportReport:
+    """What a backend's export returns: the artifact (file or folder), how long it took, its size,
+    each method / graph's inputs and outputs (the manifest's `methods`) and backend facts (`metadata`)."""
+
+    path: Path
+    seconds: float
+    size_bytes: int
+    methods: dict
+    metadata: dict
+
+
 @dataclass(frozen=True)
 class Backend:
     """What the pipeline needs from a backend module (each module's `backend()` returns one)."""
@@ -27,7 +39,7 @@ class Backend:
     name: str
     suffix: str
     parse_recipe: Callable[[str], object]  # recipe name -> recipe with `.name` and `.describe()`
-    export: Callable  # (model, processor, recipe, path, context_length) -> report (.size_bytes, .seconds, .methods, .metadata)
+    export: Callable  # (model, processor, recipe, path, context_length) -> ExportReport
     session: Callable  # (bundle root, artifact entry, manifest) -> ArtifactSession (see parity.py)
     runtime: str  # the runtime that runs the artifact, as recorded in the manifest
     # Recipes whose answers must equal the reference's: the export fails otherwise. Backends whose

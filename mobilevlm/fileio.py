@@ -80,6 +80,13 @@ def atomic_file(target: str | Path, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file below a folder (artifacts such as .mlpackage and ONNX model
+    folders are folders): what an app must download."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mobilevlm.fileio import disk_bytes
+
 
 class Contender:
     backend = "onnx"
@@ -17,7 +19,7 @@ class Contender:
 
         folder = bundle.path(artifact["file"])
         self.name = artifact["name"]
-        self.file_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        self.file_bytes = disk_bytes(folder)
         self.session = OnnxSession(bundle.root, artifact, bundle.manifest)
         self.execution_provider = self.session.providers[0]
 

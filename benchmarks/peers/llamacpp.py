@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mobilevlm.fileio import disk_bytes
+
 QUANTS = ("q4_0", "q4_k_m")
 BACKEND = "llama.cpp"
 
@@ -69,7 +71,7 @@ class Contender:
 
     def __init__(self, folder: Path, info: dict, bundle):
         self.name = f"peer-llama.cpp-{info['quant']}"
-        self.file_bytes = sum(p.stat().st_size for p in (folder / info["files"]).rglob("*") if p.is_file())
+        self.file_bytes = disk_bytes(folder / info["files"])
         self.text_only = info["scope"] == "text decoder"
         if not self.text_only:
             from mobilevlm.benchmarks.contenders.gguf import Contender as GgufContender
@@ -77,7 +79,9 @@ class Contender:
             self.inner = GgufContender(bundle, {"name": self.name, "file": str(folder / info["files"]), "metadata": info["metadata"]})
             self.encode, self.embed, self.decode = self.inner.encode, self.inner.embed, self.inner.decode
             return
-        self.runtime = TextRuntime(folder / info["files"] / info["metadata"]["text_model"], info["context_length"], torch.get_num_threads())
+        from mobilevlm.export.gguf_session import LlamaCppRuntime  # text model alone: no mmproj
+
+        self.runtime = LlamaCppRuntime(folder / info["files"] / info["metadata"]["text_model"], None, info["context_length"], torch.get_num_threads())
 
     # text decoder only: "embeddings" are the token ids, llama.cpp looks the rows up in its graph
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,31 +92,3 @@ class Contender:
         if positions[0] == 0:
             self.runtime.reset()
         return torch.from_numpy(self.runtime.decode(positions, tokens=[int(t) for t in ids[0]]))
-
-
-def TextRuntime(text_path: Path, n_ctx: int, threads: int):
-    """llama.cpp's LlamaCppRuntime (export/gguf_session.py) for a text GGUF with no mmproj: the same
-    context settings (llama.cpp's defaults: f16 KV cache, flash attention auto), no mtmd context."""
-    from mobilevlm.export.gguf_session import LlamaCppRuntime, _bindings, _failure
-
-    runtime = LlamaCppRuntime.__new__(LlamaCppRuntime)
-    ll, mtmd = _bindings()
-    runtime.ll, runtime.mtmd = ll, mtmd
-    runtime.model = runtime.ctx = runtime.mtmd_ctx = None
-    runtime.model = ll.llama_model_load_from_file(str(text_path).encode(), ll.llama_model_default_params())
-    if not runtime.model:
-        raise _failure(f"{text_path}: llama.cpp cannot load this text model")
-    params = ll.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-    params.n_threads = params.n_threads_batch = threads
-    params.type_k = params.type_v = ll.GGML_TYPE_F16
-    params.no_perf = True
-    params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_AUTO
-    runtime.ctx = ll.llama_init_from_model(runtime.model, params)
-    if not runtime.ctx:
-        raise _failure(f"{text_path}: llama.cpp cannot create a context of {n_ctx} positions")
-    runtime.vocab = ll.llama_model_get_vocab(runtime.model)
-    runtime.n_vocab = ll.llama_vocab_n_tokens(runtime.vocab)
-    runtime.n_embd = ll.llama_model_n_embd(runtime.model)
-    runtime.n_ctx = n_ctx
-    return runtime

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mobilevlm.fileio import disk_bytes
+
 QUANTS = ("int4",)
 BACKEND = "onnxruntime-genai"
 SCOPE_REASON = "ONNX Runtime GenAI's model builder builds the Llama decoder; it has no MobileVLM vision tower / projector"
@@ -74,7 +76,7 @@ class Contender:
         self.og = og
         self.name = f"peer-ort-genai-{info['quant']}"
         onnx = folder / info["files"]
-        self.file_bytes = sum(p.stat().st_size for p in onnx.rglob("*") if p.is_file())
+        self.file_bytes = disk_bytes(onnx)
         config = og.Config(str(onnx))
         threads = torch.get_num_threads()
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))

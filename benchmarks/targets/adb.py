@@ -93,16 +93,10 @@ class Adb:
 
 
 def parse_records(text: str, source: str) -> list[dict]:
-    from mobilevlm.benchmarks.runner import SCHEMA
+    from mobilevlm.benchmarks.runner import SCHEMA, json_lines
 
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MobileVLMError(f"{source}:{number}: not a JSON record ({exc.msg})") from None
+    for number, record in json_lines(text, source):
         if not isinstance(record, dict) or record.get("schema") != SCHEMA or not record.get("contender"):
             raise MobileVLMError(f"{source}:{number}: expected a {SCHEMA!r} record with a 'contender'")
         records.append(record)
