@@ -115,6 +115,15 @@ def block_linear_params(t: TextConfig) -> int:
     return 2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
 
 
+def text_linear_params(t: TextConfig) -> int:
+    """Linear weights of all decoder blocks. A sparse (MoE) layer counts every expert and its router:
+    the exported graphs compute all experts and weight them (static shapes), so all are read and
+    multiplied per token; `mobilevlm.moe.active_parameters` gives the share a token actually uses."""
+    moe_layers = sum(t.is_moe_layer(i) for i in range(t.num_layers))
+    extra = moe_layers * ((t.num_experts - 1) * 3 * t.hidden_size * t.intermediate_size + t.hidden_size * t.num_experts)
+    return t.num_layers * block_linear_params(t) + extra
+
+
 @dataclass(frozen=True)
 class DecodeCount:
     weight_bytes: float
@@ -128,7 +137,7 @@ class DecodeCount:
 
 def decode_count(t: TextConfig, fmt: WeightFormat, context: int) -> DecodeCount:
     """Bytes read and MACs for one decoded token with `context` positions in the cache."""
-    linear = t.num_layers * block_linear_params(t)
+    linear = text_linear_params(t)
     head = t.vocab_size * t.hidden_size
     norms = (2 * t.num_layers + 1) * t.hidden_size * 4
     weights = linear * fmt.linear_bits / 8 + head * fmt.head_bits / 8 + t.hidden_size * fmt.embedding_bits / 8 + norms
@@ -140,13 +149,19 @@ def decode_count(t: TextConfig, fmt: WeightFormat, context: int) -> DecodeCount:
 
 def prefill_macs(t: TextConfig, tokens: int) -> float:
     """MACs of a causal prefill of `tokens` positions; logits for the last position only."""
-    linear = tokens * t.num_layers * block_linear_params(t)
+    linear = tokens * text_linear_params(t)
     attention = t.num_layers * t.hidden_size * tokens * (tokens + 1)  # causal q.k and p.v
     return linear + attention + t.vocab_size * t.hidden_size
 
 
 def vision_macs(config: MobileVLMConfig) -> float:
-    """Image encoder (the layers that run up to select_layer) and projector."""
+    """Image encoder (the layers that run up to select_layer) and projector: by formula for MobileVLM's
+    own families (CLIP ViT + MLP / LDP / LDPv2, one view), counted by running the model on the meta
+    device under torch's FLOP counter for every other family."""
+    from mobilevlm.export.pipeline import model_features
+
+    if model_features(config) and any(not f.startswith("decoder:") for f in model_features(config)):
+        return counted_vision_macs(config)
     v, d = config.vision, config.text.hidden_size
     tokens = v.num_patches + 1
     layer = tokens * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 2 * tokens * tokens * v.hidden_size
@@ -160,6 +175,25 @@ def vision_macs(config: MobileVLMConfig) -> float:
     else:
         extra = 0
     return v.num_layers_used * layer + patch + mlp + extra
+
+
+def counted_vision_macs(config: MobileVLMConfig) -> float:
+    """MACs of `encode_image` for one image (anyres: the largest tile layout), from torch's FLOP
+    counter on a meta-device model: no weights are allocated, so published shapes cost nothing."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mobilevlm.model import MobileVLM
+
+    with torch.device("meta"):
+        model = MobileVLM(config)
+        s = config.input_image_size
+        views = 1 + config.max_tiles if config.resolution == "anyres" else 1
+        pixels = torch.zeros(views, 3, s, s) if config.resolution == "anyres" else torch.zeros(1, 3, s, s)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.encode_image(pixels)
+    return counter.get_total_flops() / 2
 
 
 # --- models named by published figures ---------------------------------------------------------------

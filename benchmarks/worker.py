@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = bundle.manifest
     pre = manifest["preprocessing"]
     case = manifest["parity"]["cases"][0]
-    image_u8 = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"]).prepare_image(Image.open(bundle.path(case["image"]))).unsqueeze(0).contiguous()
+    image_u8 = ImageProcessor.from_spec(pre).prepare_views(Image.open(bundle.path(case["image"]))).contiguous()
     tokenizer = Tokenizer(bundle.path(manifest["tokenizer"]["file"]))
     if args.peer_dir:
         from mobilevlm.benchmarks.peers import load_info, load_peer, module as peer_module

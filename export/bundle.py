@@ -63,9 +63,9 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def preprocessing_spec(processor: Processor) -> dict:
+def preprocessing_spec(processor: Processor, tokens_per_view: int | None = None) -> dict:
     image = processor.image
-    return {
+    spec = {
         "image_size": image.size,
         "aspect_mode": image.aspect_mode,
         "pad_color": list(image.pad_color),
@@ -84,6 +84,19 @@ def preprocessing_spec(processor: Processor) -> dict:
             "hand the artifact uint8 RGB pixels as the artifact's inputs say; normalisation (x / 255 - mean) / std happens inside the vision graph",
         ],
     }
+    if image.grids:
+        spec["tiling"] = {
+            "grids": [list(g) for g in image.grids],
+            "tile_size": image.size,
+            "views": "the global view (the image prepared by `steps`) first, then the tiles of the chosen grid, row-major",
+            "choose_grid": "for each (rows, cols): scale = min(cols * tile_size / width, rows * tile_size / height); "
+            "kept = min(width * height * scale^2, width * height); pick the largest kept, then the smallest rows * cols * tile_size^2 - kept",
+            "tiles": "resize the image by scale (bicubic, rounded sides), paste it centred on a (cols * tile_size) x (rows * tile_size) "
+            "canvas of pad_color, cut it into tile_size squares",
+            "image_tokens": "(1 + rows * cols) * tokens_per_view, the separators included",
+            "tokens_per_view": tokens_per_view,
+        }
+    return spec
 
 
 def prompt_spec(processor: Processor, context_length: int, num_image_tokens: int) -> dict:
@@ -144,7 +157,7 @@ def new_manifest(model: MobileVLM, processor: Processor, source: str, context_le
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "toolkit": {"git_commit": git_commit(), "versions": versions()},
         "model": {"source": source, "parameters": model.num_parameters(), "config": model.config.to_dict()},
-        "preprocessing": preprocessing_spec(processor),
+        "preprocessing": preprocessing_spec(processor, model.config.tokens_per_view + 1),
         "prompt": prompt_spec(processor, context_length, model.config.num_image_tokens),
         "tokenizer": {"file": "tokenizer.json", "config_file": "tokenizer_config.json", "vocab_size": processor.tokenizer.vocab_size},
         "artifacts": [],

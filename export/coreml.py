@@ -188,7 +188,7 @@ def convert_decoder(model: MobileVLM, cache_len: int, target: str = "iOS18"):
 def convert_vision(model: MobileVLM, target: str = "iOS18"):
     import coremltools as ct
 
-    s = model.config.vision.image_size
+    s = model.config.input_image_size
     image = ct.ImageType("image", shape=(1, 3, s, s), scale=1.0 / 255.0, bias=[0.0, 0.0, 0.0], color_layout=ct.colorlayout.RGB)
     return convert(VisionProgram(model), (torch.rand(1, 3, s, s),), None, [image], [ct.TensorType("image_embeddings", dtype=np.float16)], target)
 
@@ -214,7 +214,7 @@ def saved_states(package: Path) -> list[dict]:
 def model_specs(model: MobileVLM, cache_len: int, target: str, states: list[dict]) -> dict:
     """What each program takes and returns, and how an app drives them (the manifest's `methods`)."""
     c = model.config
-    s, d, top = c.vision.image_size, c.text.hidden_size, cache_len - 1
+    s, d, top = c.input_image_size, c.text.hidden_size, cache_len - 1
     return {
         "vision": {
             "file": "vision.mlpackage",
@@ -307,4 +307,4 @@ def backend():
 
     return Backend("coreml", "-coreml", parse_recipe, export_coreml, CoreMLSession,
                    f"Core ML ML programs for iOS 18+ (states, fp16); parity {VERIFICATION_NOTE} (numpy MIL interpreter)",
-                   exact_recipes=("fp16",))
+                   exact_recipes=("fp16",), unsupported=("resolution:anyres", "interface"))

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from mobilevlm.errors import ExportError
-from mobilevlm.model import MobileVLM
+from mobilevlm.model import MobileVLM, encode_views
 from mobilevlm.processing import Processor
 from mobilevlm.text import apply_rope
 
@@ -54,6 +54,7 @@ class VisionEncoderMethod(nn.Module):
     def __init__(self, model: MobileVLM):
         super().__init__()
         self.vision, self.projector = model.vision, model.projector
+        self.separator = getattr(model, "image_separator", None)
         v = model.config.vision
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(v.image_std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(v.image_mean) / torch.tensor(v.image_std)).view(1, 3, 1, 1))
@@ -61,7 +62,7 @@ class VisionEncoderMethod(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std, as one multiply-add
         pixels = image.to(torch.float32) * self.scale - self.shift
-        return self.projector(self.vision(pixels))
+        return encode_views(self.vision, self.projector, self.separator, pixels)
 
 
 class TokenEmbeddingMethod(nn.Module):
@@ -120,13 +121,16 @@ class TextDecoderMethod(nn.Module):
 def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
     """What each method takes and returns, for the manifest (an app's whole contract)."""
     c = model.config
-    s = c.vision.image_size
+    s = c.input_image_size
+    image = {"name": "image", "dtype": "uint8", "shape": [1, 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
+             "resized_inside": False, "normalized_inside": True}
+    embeddings = {"name": "image_embeddings", "dtype": "float32", "shape": [1, c.num_image_tokens, c.text.hidden_size]}
+    if c.resolution == "anyres":
+        image.update(name="views", shape=["K", 3, s, s], dynamic={"K": [2, 1 + c.max_tiles]},
+                     meaning="the global view, then the tiles of the chosen layout row-major (preprocessing.tiling)")
+        embeddings.update(shape=[1, f"K * {c.tokens_per_view + 1}", c.text.hidden_size], meaning="each view's tokens followed by a separator token")
     return {
-        "vision_encoder": {
-            "inputs": [{"name": "image", "dtype": "uint8", "shape": [1, 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
-                        "resized_inside": False, "normalized_inside": True}],
-            "outputs": [{"name": "image_embeddings", "dtype": "float32", "shape": [1, c.num_image_tokens, c.text.hidden_size]}],
-        },
+        "vision_encoder": {"inputs": [image], "outputs": [embeddings]},
         "token_embedding": {
             "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "dynamic": {"T": [1, cache_len]}}],
             "outputs": [{"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size]}],
@@ -171,15 +175,20 @@ def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecip
         quantize_linears(model.projector, recipe.vision_bits, None)
 
     vision, embedding, decoder = VisionEncoderMethod(model), TokenEmbeddingMethod(model), TextDecoderMethod(model, cache_len)
-    s = config.vision.image_size
+    s = config.input_image_size
     image = torch.zeros(1, 3, s, s, dtype=torch.uint8)
+    image_shapes = None
+    if config.resolution == "anyres":
+        # one program for every tile layout: the number of views is dynamic, up to the largest layout
+        image = torch.zeros(1 + config.max_tiles, 3, s, s, dtype=torch.uint8)
+        image_shapes = ({0: Dim("views", min=2, max=1 + config.max_tiles)},)
     tokens = torch.zeros(1, 4, dtype=torch.long)
     embeds = torch.zeros(1, 4, config.text.hidden_size)
     positions = torch.arange(4)
     seq = Dim("seq", min=1, max=cache_len - 1)
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         programs = {
-            "vision_encoder": torch.export.export(vision, (image,), strict=False),
+            "vision_encoder": torch.export.export(vision, (image,), dynamic_shapes=image_shapes, strict=False),
             "token_embedding": torch.export.export(embedding, (tokens,), dynamic_shapes=({1: Dim("tokens", min=1, max=cache_len)},), strict=False),
             "text_decoder": torch.export.export(decoder, (embeds, positions), dynamic_shapes=({1: seq}, {0: seq}), strict=False),
         }
@@ -238,7 +247,10 @@ class ExecuTorchSession:
         self.path = Path(root) / artifact["file"]
         self.prompt = manifest["prompt"]
         pre = manifest["preprocessing"]
-        self.image_processor = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"])
+        self.image_processor = ImageProcessor.from_spec(pre)
+        # Tiled images are several views; MultimodalRunner hands its vision method one image, so such
+        # programs are driven through their methods (as an app would with ExecuTorch's Module API).
+        self.tiled = bool(self.image_processor.grids)
         self.tokenizer = Tokenizer(Path(root) / manifest["tokenizer"]["file"])
         with captured_native_output() as output:
             load_runtime_kernels()
@@ -256,7 +268,8 @@ class ExecuTorchSession:
                 raise native_error(f"{self.path}: ExecuTorch cannot load this program", output) from None
 
     def image_tensor(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor.prepare_image(image).unsqueeze(0).contiguous()
+        """uint8 [1, 3, S, S], or [views, 3, S, S] for a tiled image."""
+        return self.image_processor.prepare_views(image).contiguous()
 
     def check_length(self, prompt: str) -> list[int]:
         """Token ids after the image; a prompt that cannot fit the exported context is a `PromptError`."""
@@ -269,7 +282,9 @@ class ExecuTorchSession:
 
         from .parity import captured_native_output, native_error
 
-        self.check_length(prompt)
+        after = self.check_length(prompt)
+        if self.tiled:
+            return self._answer_by_methods(image, after, max_new_tokens)
         inputs = [
             make_token_input(list(self.prompt["before_image_ids"])),
             make_image_input(self.image_tensor(image)),
@@ -302,19 +317,42 @@ class ExecuTorchSession:
         kept = [p for p in pieces if len(p) != 1 or 0x20 <= p[0] <= 0x7E or p[0] in b"\t\n\v\f\r"]
         return b"".join(kept).decode("utf-8", "replace")
 
-    def forced_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[torch.Tensor]:
-        after = self.check_length(prompt)
+    def _answer_by_methods(self, image: Image.Image, after: list[int], max_new_tokens: int) -> str:
+        """Greedy decoding through the program's methods, stopping at EOS or the context's end."""
+        self.printed_form = False
+        logits, pos = self._prefill(image, after)
+        eos, tokens = set(self.prompt["eos_ids"]), []
+        while len(tokens) < max_new_tokens:
+            token = int(logits.argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            if pos >= self.prompt["context_length"]:
+                break
+            logits = self.decoder.execute([self.embedding.execute([torch.tensor([[token]])])[0], torch.tensor([pos])])[0][0]
+            pos += 1
+        text = self.tokenizer.decode(tokens)
+        for stop in self.prompt["stop_strings"]:
+            text = text.split(stop)[0]
+        return text
+
+    def _prefill(self, image: Image.Image, after: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits after the prompt (text, image, text) and the next position."""
         chunks = [
             self.embedding.execute([torch.tensor([self.prompt["before_image_ids"]])])[0],
             self.vision.execute([self.image_tensor(image)])[0],
             self.embedding.execute([torch.tensor([after])])[0],
         ]
-        pos, logits = 0, []
+        pos = 0
         for chunk in chunks:
             n = chunk.shape[1]
             out = self.decoder.execute([chunk, torch.arange(pos, pos + n)])[0]
             pos += n
-        logits.append(out[0].clone())
+        return out[0].clone(), pos
+
+    def forced_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[torch.Tensor]:
+        first, pos = self._prefill(image, self.check_length(prompt))
+        logits = [first]
         for token in tokens:
             embeds = self.embedding.execute([torch.tensor([[token]])])[0]
             logits.append(self.decoder.execute([embeds, torch.tensor([pos])])[0][0].clone())

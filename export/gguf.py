@@ -174,4 +174,4 @@ def backend():
 
     # No exact recipe: llama.cpp's image path computes differently (KNOWN_DIFFERENCES), so even f32
     # answers are measured and recorded, not required to match.
-    return Backend("gguf", "-gguf", parse_recipe, export_gguf, GgufSession, "llama.cpp (llama-cpp-python: llama_decode + mtmd)", exact_recipes=())
+    return Backend("gguf", "-gguf", parse_recipe, export_gguf, GgufSession, "llama.cpp (llama-cpp-python: llama_decode + mtmd)", exact_recipes=(), unsupported=("vision", "projector", "resolution", "interface", "decoder"))

@@ -270,4 +270,4 @@ class HFSession:
 def backend():
     from .pipeline import Backend
 
-    return Backend("hf", "", parse_recipe, export_hf, HFSession, "transformers: LlamaForCausalLM (decoder) + CLIPVisionModel (vision); projector from mm_projector.safetensors")
+    return Backend("hf", "", parse_recipe, export_hf, HFSession, "transformers: LlamaForCausalLM (decoder) + CLIPVisionModel (vision); projector from mm_projector.safetensors", unsupported=("vision", "projector", "resolution", "interface", "decoder"))

@@ -214,7 +214,7 @@ def genai_config(model: MobileVLM, processor: Processor, context: int, files: di
 def graph_specs(model: MobileVLM, context: int, recipe: OnnxRecipe) -> dict:
     """Each graph's inputs and outputs, for the manifest (an app's whole contract)."""
     c = model.config
-    s, d, n, v = c.vision.image_size, c.text.hidden_size, c.num_image_tokens, c.text.vocab_size
+    s, d, n, v = c.input_image_size, c.text.hidden_size, c.num_image_tokens, c.text.vocab_size
     kv = [c.text.num_kv_heads, c.text.head_dim]
     return {
         "vision": {
@@ -282,4 +282,4 @@ def backend():
     from .onnx_session import OnnxSession
     from .pipeline import Backend
 
-    return Backend("onnx", "", parse_recipe, export_onnx, OnnxSession, "onnxruntime (CPUExecutionProvider): vision -> embedding -> decoder with KV cache")
+    return Backend("onnx", "", parse_recipe, export_onnx, OnnxSession, "onnxruntime (CPUExecutionProvider): vision -> embedding -> decoder with KV cache", unsupported=("resolution:anyres", "interface"))

@@ -163,7 +163,7 @@ def export_graphs(model: MobileVLM, folder: Path, context_length: int, opset: in
         model = copy.deepcopy(model).float()
     model = model.eval()
     c = model.config
-    s, width = c.vision.image_size, c.text.hidden_size
+    s, width = c.input_image_size, c.text.hidden_size
     layers, kv, head = c.text.num_layers, c.text.num_kv_heads, c.text.head_dim
     # Example inputs use batch 2 and non-trivial lengths: a 1 would be specialised (0/1 rule).
     image = torch.zeros(2, 3, s, s, dtype=torch.uint8)

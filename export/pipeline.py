@@ -45,6 +45,33 @@ class Backend:
     # Recipes whose answers must equal the reference's: the export fails otherwise. Backends whose
     # runtime is known to compute differently (llama.cpp, see export/gguf.py) name none.
     exact_recipes: tuple[str, ...] = ("fp32",)
+    # Model-family features (see `model_features`) this backend cannot carry; asking is an ExportError
+    # before any work, naming the feature.
+    unsupported: tuple[str, ...] = ()
+
+    def check_supports(self, config) -> None:
+        missing = [f for f in model_features(config) if f in self.unsupported or f.split(":")[0] in self.unsupported]
+        if missing:
+            raise ExportError(
+                f"backend {self.name!r} cannot export this model: {', '.join(missing)} "
+                f"(the executorch backend carries every model family)"
+            )
+
+
+def model_features(config) -> list[str]:
+    """The model-family choices of a config beyond the MobileVLM baseline, as `kind:value` names."""
+    features = []
+    if config.vision.type != "clip_vit":
+        features.append(f"vision:{config.vision.type}")
+    if config.projector.type not in ("mlp2x_gelu", "ldp", "ldpv2"):
+        features.append(f"projector:{config.projector.type}")
+    if config.resolution != "direct":
+        features.append(f"resolution:{config.resolution}")
+    if config.interface != "token":
+        features.append(f"interface:{config.interface}")
+    if config.text.num_experts:
+        features.append("decoder:moe")
+    return features
 
 
 # Backend name -> module exposing `backend()`; imported only when asked for.
@@ -96,6 +123,7 @@ def export_bundle(
         raise OutputError(f"{out}: already exists (pass --force to replace it)")
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     model, processor = load_model(model_dir), load_processor(model_dir)
+    chosen.check_supports(model.config)
     if processor.tokenizer.vocab_size != model.config.text.vocab_size:
         raise ExportError(
             f"{model_dir}: the tokenizer has {processor.tokenizer.vocab_size} tokens but the model {model.config.text.vocab_size} outputs; "

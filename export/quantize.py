@@ -70,19 +70,25 @@ def _linears(module: nn.Module, prefix: str) -> list[tuple[str, nn.Linear]]:
 
 
 def check_group_size(decoder: nn.Module, group: int, prefix: str = "text") -> None:
-    bad = [f"{name} (in_features {m.in_features})" for name, m in _linears(decoder, prefix) if m.in_features % group]
+    bad = [f"{name} (in_features {m.in_features})" for name, m in _linears(decoder, prefix) if m.in_features % group and not is_router(name)]
     if bad:
         raise ExportError(f"4-bit group size {group} does not divide the input width of {', '.join(bad[:4])}; choose a group size from {GROUP_SIZES} that divides it")
 
 
 def quantize_linears(module: nn.Module, bits: int, group_size: int | None) -> None:
-    """8da{bits}w on every nn.Linear inside `module`, in place (torchao tensor subclasses)."""
+    """8da{bits}w on every nn.Linear inside `module`, in place (torchao tensor subclasses), except MoE
+    routers (`mlp.gate`): a few quantization steps in a router change which experts a token uses, and
+    they are tiny (llama.cpp keeps its `ffn_gate_inp` in f32 for the same reason)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     granularity = PerGroup(group_size) if group_size else PerAxis(0)
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4 if bits == 4 else torch.int8, weight_granularity=granularity)
-    quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not is_router(fqn))
+
+
+def is_router(name: str) -> bool:
+    return name.endswith("mlp.gate")
 
 
 def quantize_embedding(parent: nn.Module, bits: int) -> nn.Module:

@@ -334,6 +334,23 @@ class Bench:
         return 0
 
 
+@command("ablate")
+class Ablate:
+    """Train, evaluate, export and time each model-family variant with the same budget; one table."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from .benchmarks.ablate import add_arguments
+
+        add_arguments(parser)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks.ablate import run
+
+        return run(args)
+
+
 @command("report")
 class Report:
     """Markdown report and PNG charts from a results.jsonl (measured, emulated and projected records)."""

@@ -17,7 +17,7 @@ from torch import nn
 from .config import MobileVLMConfig
 from .projector import build_projector
 from .text import TextDecoder
-from .vision import CLIPVisionEncoder
+from .vision import build_vision_encoder
 
 # Marks the image's place in a list of token ids (as in LLaVA / MobileVLM); never a vocabulary id.
 IMAGE_TOKEN_INDEX = -200
@@ -25,13 +25,28 @@ IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 
 
+def encode_views(vision: nn.Module, projector: nn.Module, separator: torch.Tensor | None, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`MobileVLM.encode_image` over its parts, so exporters can lower the image path without the
+    decoder's weights. `separator` is None unless the model tiles images ("anyres")."""
+    if separator is None:
+        return projector(vision(pixel_values))
+    views = pixel_values if pixel_values.dim() == 5 else pixel_values.unsqueeze(0)
+    b, k = views.shape[:2]
+    tokens = projector(vision(views.flatten(0, 1)))
+    ends = separator.expand(b * k, 1, tokens.shape[-1])
+    return torch.cat([tokens, ends], dim=1).reshape(b, k * (tokens.shape[1] + 1), tokens.shape[-1])
+
+
 class MobileVLM(nn.Module):
     def __init__(self, config: MobileVLMConfig):
         super().__init__()
         self.config = config.validate()
-        self.vision = CLIPVisionEncoder(config.vision)
+        self.vision = build_vision_encoder(config)
         self.projector = build_projector(config)
         self.text = TextDecoder(config.text)
+        if config.resolution == "anyres":
+            # ends every view's tokens, so the decoder can tell the global view and the tiles apart
+            self.image_separator = nn.Parameter(torch.randn(config.text.hidden_size) * 0.02)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -47,7 +62,10 @@ class MobileVLM(nn.Module):
     # --- the three methods the exporters lower ----------------------------------------------------
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.vision(pixel_values))
+        """[B, 3, S, S] -> [B, N, D]. With the "anyres" strategy the input is one image's views
+        [K, 3, S, S] (global view first, then the tiles) or a batch of them [B, K, 3, S, S], and each
+        view's tokens are followed by the separator: [B, K * (tokens_per_view + 1), D]."""
+        return encode_views(self.vision, self.projector, getattr(self, "image_separator", None), pixel_values)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(token_ids)
@@ -99,7 +117,13 @@ class MobileVLM(nn.Module):
         logits = self.text(embeds)
         if labels is None:
             return logits
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return loss + self.router_aux_loss()
+
+    def router_aux_loss(self) -> torch.Tensor | float:
+        """The sparse decoder's load-balancing loss of the last forward, weighted (0 for dense models)."""
+        losses = [m.aux_loss for m in self.text.modules() if getattr(m, "aux_loss", None) is not None]
+        return self.config.text.router_aux_loss_coef * sum(losses) if losses else 0.0
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -111,17 +111,61 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageProcessor:
-    """Square resize (or pad + resize) and normalisation, as the vision encoder was trained with."""
+    """Square resize (or pad + resize) and normalisation, as the vision encoder was trained with.
+
+    With `grids` (the "anyres" strategy) an image becomes several views of `size` square: first the
+    whole image prepared as above (the global view), then the tiles of the allowed (rows, cols) layout
+    that best fits its aspect ratio, row-major. The layout is chosen as LLaVA-NeXT does: the one that
+    keeps the most of the image's pixels when it is scaled to fit, then the one that wastes least.
+    """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     aspect_mode: str = "pad"
+    grids: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_config(cls, config: MobileVLMConfig) -> ImageProcessor:
         v = config.vision
-        return cls(v.image_size, tuple(v.image_mean), tuple(v.image_std), config.image_aspect_ratio)
+        grids = tuple(config.grids) if config.resolution == "anyres" else ()
+        return cls(config.input_image_size, tuple(v.image_mean), tuple(v.image_std), config.image_aspect_ratio, grids)
+
+    @classmethod
+    def from_spec(cls, pre: dict) -> ImageProcessor:
+        """From a bundle manifest's `preprocessing` section (what an app reads)."""
+        grids = tuple((int(r), int(c)) for r, c in pre.get("tiling", {}).get("grids", ()))
+        return cls(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"], grids)
+
+    def select_grid(self, width: int, height: int) -> tuple[int, int]:
+        """The (rows, cols) layout for an image of this size (anyres)."""
+        best, best_key = None, None
+        for rows, cols in self.grids:
+            canvas_w, canvas_h = cols * self.size, rows * self.size
+            scale = min(canvas_w / width, canvas_h / height)
+            kept = min(width * scale * height * scale, width * height)
+            key = (kept, -(canvas_w * canvas_h - kept))
+            if best_key is None or key > best_key:
+                best, best_key = (rows, cols), key
+        return best
+
+    def tiles(self, image: Image.Image, rows: int, cols: int) -> list[Image.Image]:
+        """The image scaled to fit a (rows, cols) canvas of tiles (aspect kept, centred on pad_color), cut row-major."""
+        canvas_w, canvas_h = cols * self.size, rows * self.size
+        scale = min(canvas_w / image.width, canvas_h / image.height)
+        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        canvas = Image.new("RGB", (canvas_w, canvas_h), self.pad_color)
+        canvas.paste(image.resize((w, h), Image.Resampling.BICUBIC), ((canvas_w - w) // 2, (canvas_h - h) // 2))
+        s = self.size
+        return [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+
+    def prepare_views(self, source: ImageSource) -> torch.Tensor:
+        """uint8 [views, 3, size, size]: one view, or (anyres) the global view and the tiles."""
+        image = load_image(source)
+        views = [self.prepare_image(image)]
+        if self.grids:
+            views += [self._square(tile) for tile in self.tiles(image, *self.select_grid(image.width, image.height))]
+        return torch.stack(views)
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -143,6 +187,10 @@ class ImageProcessor:
             image = image.crop((left, top, left + self.size, top + self.size))
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return self._square(image)
+
+    @staticmethod
+    def _square(image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -152,8 +200,8 @@ class ImageProcessor:
         return (pixels.float() / 255.0 - mean) / std
 
     def preprocess(self, source: ImageSource) -> torch.Tensor:
-        """float32 [1, 3, size, size], ready for `MobileVLM.encode_image`."""
-        return self.normalize(self.prepare_image(source)).unsqueeze(0)
+        """float32 [views, 3, size, size] (one view unless anyres), ready for `MobileVLM.encode_image`."""
+        return self.normalize(self.prepare_views(source))
 
 
 # --- prompt template -----------------------------------------------------------------------------

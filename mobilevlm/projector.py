@@ -4,6 +4,8 @@
 - `ldp` (MobileVLM): the same MLP, then two MobileNetV3 inverted-residual blocks on the token grid
   (depthwise 3x3 conv - LayerNorm - Hardswish, squeeze-excitation, pointwise 1x1 conv - LayerNorm); the
   first keeps the grid and adds a residual, the second has stride 2: 24x24 patches -> 12x12 tokens.
+- `linear` (Fuyu): one Linear, patches straight into the decoder's width.
+- `qformer`, `resampler`: learned queries (projector_query.py).
 - `ldpv2` (MobileVLM V2): the MLP, average pooling of the grid to `pool_size` squared, then a positional
   residual (depthwise 3x3 conv with bias, added to its input).
 
@@ -96,6 +98,15 @@ class MLPProjector(nn.Module):
         return self.mlp(x)
 
 
+class LinearProjector(nn.Module):
+    def __init__(self, d_vision: int, d_text: int):
+        super().__init__()
+        self.linear = nn.Linear(d_vision, d_text)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
 class LDPProjector(nn.Module):
     def __init__(self, d_vision: int, d_text: int):
         super().__init__()
@@ -131,4 +142,10 @@ def build_projector(config: MobileVLMConfig) -> nn.Module:
         return LDPProjector(d_vision, d_text)
     if kind == "ldpv2":
         return LDPv2Projector(d_vision, d_text, config.projector.pool_size)
+    if kind == "linear":
+        return LinearProjector(d_vision, d_text)
+    if kind in ("qformer", "resampler"):
+        from .projector_query import build_query_projector
+
+        return build_query_projector(config)
     raise ValueError(f"unknown projector type {kind!r}")  # config validation names the choices

@@ -1,6 +1,7 @@
 """LLaMA-style decoder with a static KV cache.
 
-Read top to bottom: RMSNorm, rotary embeddings, attention, SwiGLU MLP, block, decoder. Names of
+Read top to bottom: RMSNorm, rotary embeddings, attention, block, decoder. The feed-forward blocks
+(SwiGLU MLP, and the sparse mixture of SwiGLU experts of MoE layers) are in `moe.py`. Names of
 parameters follow Hugging Face's Llama (`layers.0.self_attn.q_proj.weight`, ...) so published weights
 load by prefix, and rotary embeddings use the same half-split ("rotate_half") convention.
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .moe import MLP, SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -101,26 +103,16 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: TextConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig):
+    """Pre-norm block. Layer `index` decides the feed-forward: a SparseMoE where the config makes it
+    an MoE layer (`config.is_moe_layer(index)`), the dense MLP otherwise; either is named `mlp`."""
+
+    def __init__(self, config: TextConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.is_moe_layer(index) else MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
@@ -132,7 +124,7 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

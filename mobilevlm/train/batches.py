@@ -44,13 +44,19 @@ class ScenePool:
         return make_scene(self.seed(index))
 
     def pixels(self, index: int) -> torch.Tensor:
-        """Normalised float pixels [3, S, S] of pool scene `index`."""
+        """Normalised float pixels [3, S, S] of pool scene `index` ([views, 3, S, S] for anyres)."""
         key = index % self.size
         if key not in self._pixels:
             seed = self.seed(key)
             side = self.processor.image.size * RENDER_SCALES[seed % len(RENDER_SCALES)]
-            self._pixels[key] = self.processor.image.prepare_image(render_scene(make_scene(seed), side))
+            views = self.processor.image.prepare_views(render_scene(make_scene(seed), side))
+            self._pixels[key] = views if self.processor.image.grids else views[0]
         return self.processor.image.normalize(self._pixels[key])
+
+    def global_view(self, index: int) -> torch.Tensor:
+        """[3, S, S]: the whole image (the first view when the image is tiled)."""
+        pixels = self.pixels(index)
+        return pixels[0] if pixels.dim() == 4 else pixels
 
 
 @dataclass
@@ -120,7 +126,7 @@ def vision_batch(pool: ScenePool, processor: Processor, indices: list[int], rng:
     pixels, captions, negatives = [], [], []
     for index in indices:
         scene, style = pool.scene(index), rng.randrange(1 << 30)
-        pixels.append(pool.pixels(index))
+        pixels.append(pool.global_view(index))
         captions.append([tok.bos_id, *tok.encode(caption(scene, random.Random(style))), tok.eos_id])
         negatives.append([tok.bos_id, *tok.encode(caption(hard_negative(scene, rng), random.Random(style))), tok.eos_id])
     pad = tok.pad_id or 0

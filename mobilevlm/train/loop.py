@@ -65,9 +65,12 @@ def build_config(recipe: Recipe, vocab_size: int) -> MobileVLMConfig:
     """The preset, with the recipe's overrides and the tokenizer's vocabulary size."""
     data = get_preset(recipe.preset).to_dict()
     for part, changes in recipe.model_overrides.items():
-        if part not in data or not isinstance(data[part], dict):
+        if part not in data:
             raise ConfigError(f"recipe {recipe.name}: model_overrides has unknown part {part!r}")
-        data[part].update(changes)
+        if isinstance(data[part], dict) and isinstance(changes, dict):
+            data[part].update(changes)  # a component: override some of its fields
+        else:
+            data[part] = changes  # a top-level field (resolution, anyres_grids, high_res_vision)
     # exactly the tokenizer's size: runtimes sample over the tokenizer's vocabulary only, so logits
     # of padding ids would make the reference and the artifacts disagree
     data["text"]["vocab_size"] = vocab_size

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
+from ..config import VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,288 @@
+"""`mobilevlm ablate`: the MLLM survey's design choices side by side, on one task and one export path.
+
+Each variant is the `tiny` preset with one choice changed (vision encoder family, resolution strategy,
+modality interface, sparse decoder). Every variant goes through exactly the same steps:
+
+1. train with the same recipe and budget (`ablation_recipe`: the tiny recipe's stages, shortened);
+2. evaluate on the same held-out test scenes: closed-ended accuracy by question type (reading and
+   counting matter most for resolution), POPE F1, CHAIR;
+3. export to ExecuTorch 8da4w (parity measured in the runtime) and to ONNX int4 where that backend
+   carries the family;
+4. time image encoding and time to first token of the 8da4w program on this host (ExecuTorch
+   runtime, fixed thread count), and project time to first token on a Snapdragon 8 Gen 3 with the
+   roofline model of `projection.py` (image-encoder MACs counted on the real module graph);
+5. write `OUT/VARIANT/result.json`; the table (`OUT/ablation.md`) and `OUT/results.jsonl` are built
+   from those records only.
+
+Variants run as separate processes (`--jobs` at a time, one torch thread each) and resume: a variant
+whose result.json exists is not run again, and an interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobilevlm.config import VisionConfig
+from mobilevlm.errors import ConfigError, MobileVLMError
+
+PROJECTION_DEVICE = "snapdragon-8-gen-3"
+PROJECTION_RUNTIME = "executorch-xnnpack"
+PROJECTION_THREADS = 4
+HOST_THREADS = 1
+QUESTION = "What word is written in the image?"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    choice: str  # which survey axis this variant changes
+    description: str
+    overrides: dict = field(default_factory=dict)  # Recipe.model_overrides on top of the tiny preset
+
+
+def _high_res_convnext() -> dict:
+    """The "dual" variant's small high-resolution encoder: a 3-stage ConvNeXt on 192 px (12x12 grid)."""
+    return dataclasses.asdict(VisionConfig(type="convnext", image_size=192, patch_size=16, hidden_size=128, num_layers=1, num_heads=4,
+                                           intermediate_size=512, stage_depths=(1, 1, 1), stage_dims=(32, 64, 128)))
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("clip-ldpv2", "baseline", "CLIP ViT 96 px, LDPv2 to 36 tokens (MobileVLM V2's design, the shipped model's shape)"),
+    Variant("eva-ldpv2", "encoder", "EVA-02-style ViT (SwiGLU, 2-D RoPE, sub-LN) of about the same size",
+            {"vision": {"type": "eva_vit", "intermediate_size": 344}}),
+    Variant("convnext-ldpv2", "encoder", "ConvNeXt, 3 stages (48/96/192 wide), its 6x6 last stage as the grid",
+            {"vision": {"type": "convnext", "patch_size": 16, "hidden_size": 192, "stage_depths": [2, 2, 2], "stage_dims": [48, 96, 192]}}),
+    Variant("patch-linear", "encoder", "encoder-free (Fuyu): 16 px patches projected straight to tokens, a separator per row",
+            {"vision": {"type": "patch", "patch_size": 16, "hidden_size": 256}, "projector": {"type": "linear"}}),
+    Variant("clip-anyres", "resolution", "tiling (LLaVA-NeXT anyres): global view + 1x2 / 2x1 / 2x2 tiles of 96 px, each LDPv2 + separator",
+            {"resolution": "anyres", "anyres_grids": [1, 2, 2, 1, 2, 2]}),
+    Variant("clip-dual", "resolution", "dual resolution (CogAgent-style): 96 px CLIP tokens cross-attend to a 192 px ConvNeXt",
+            {"resolution": "dual", "high_res_vision": _high_res_convnext()}),
+    Variant("clip-qformer", "interface", "Q-Former (BLIP-2): 36 learned queries, 2 layers",
+            {"projector": {"type": "qformer", "num_queries": 36, "depth": 2, "num_heads": 4}}),
+    Variant("clip-resampler", "interface", "Perceiver resampler (Flamingo): 36 latents, 2 layers",
+            {"projector": {"type": "resampler", "num_queries": 36, "depth": 2, "num_heads": 4}}),
+    Variant("clip-ldpv2-moe", "decoder", "sparse decoder (MoE-LLaVA): 4 SwiGLU experts, top-2, in every second layer",
+            {"text": {"num_experts": 4, "experts_per_token": 2, "moe_every": 2}}),
+)}
+
+
+# Steps per stage: the tiny recipe's stages, shortened to what nine variants can afford on two cores.
+# DPO is left out (it is an alignment step on top, the same for every variant).
+BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
+    "ablation": {"vision": (100, 64), "text": (40, 32), "align": (30, 32), "instruct": (240, 16)},
+    "smoke": {"vision": (2, 8), "text": (2, 4), "align": (2, 4), "instruct": (2, 4)},
+}
+
+
+def ablation_recipe(variant: str, budget: str = "ablation"):
+    from mobilevlm.train.recipe import Recipe, get_recipe
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown ablation variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown ablation budget {budget!r}; expected one of {', '.join(BUDGETS)}")
+    tiny = get_recipe("tiny")
+    stages = tuple(dataclasses.replace(s, steps=BUDGETS[budget][s.name][0], batch_size=BUDGETS[budget][s.name][1], warmup=min(s.warmup, BUDGETS[budget][s.name][0] // 4 + 1))
+                   for s in tiny.stages if s.name in BUDGETS[budget])
+    return Recipe(name=f"ablation-{budget}-{variant}", preset="tiny", stages=stages, seed=tiny.seed, bf16=tiny.bf16,
+                  scene_pool=4000 if budget == "ablation" else 32, tokenizer_vocab=tiny.tokenizer_vocab, model_overrides=VARIANTS[variant].overrides)
+
+
+# --- one variant ---------------------------------------------------------------------------------
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def host_timings(bundle_dir: Path, artifact: str) -> dict:
+    """Image encoding and time to first token of an ExecuTorch artifact on this host, in its runtime."""
+    from PIL import Image
+
+    from mobilevlm.export.bundle import load_bundle
+    from mobilevlm.export.executorch import ExecuTorchSession
+
+    bundle = load_bundle(bundle_dir)
+    session = ExecuTorchSession(bundle.root, bundle.artifact(artifact), bundle.manifest)
+    case = bundle.manifest["parity"]["cases"][0]
+    image = Image.open(bundle.path(case["image"])).convert("RGB")
+    pixels = session.image_tensor(image)
+    after = session.check_length(QUESTION)
+    encode = _median_ms(lambda: session.vision.execute([pixels]))
+    ttft = _median_ms(lambda: session._prefill(image, after))
+    prompt_tokens = len(bundle.manifest["prompt"]["before_image_ids"]) + session.vision.execute([pixels])[0].shape[1] + len(after)
+    return {"image_encode_ms": round(encode, 2), "ttft_ms": round(ttft, 2), "prompt_tokens": prompt_tokens, "threads": HOST_THREADS}
+
+
+def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
+    import torch
+
+    from mobilevlm.checkpoint import load_model, load_processor
+    from mobilevlm.evaluate import ReferenceAnswerer, evaluate
+    from mobilevlm.export import pipeline
+    from mobilevlm.export.bundle import load_bundle
+    from mobilevlm.moe import active_parameters
+    from mobilevlm.train import Trainer
+
+    from .projection import project
+
+    torch.set_num_threads(HOST_THREADS)  # also ExecuTorch's pool in this process
+    folder = out / name
+    recipe = ablation_recipe(name, budget)
+    started = time.time()
+    run = folder / "run"
+    model_dir = Trainer(run, recipe, resume=(run / "recipe.json").exists(), progress=False).run()
+    train_minutes = (time.time() - started) / 60
+    model, processor = load_model(model_dir), load_processor(model_dir)
+    config = model.config
+    metrics = evaluate(ReferenceAnswerer(model, processor), None, eval_scenes, progress=False)
+    active, total = active_parameters(model)
+    record = {
+        "variant": name, "choice": VARIANTS[name].choice, "description": VARIANTS[name].description, "budget": budget,
+        "recipe": recipe.to_dict(), "model_config": config.to_dict(),
+        "parameters": total, "active_parameters": active, "image_tokens": config.num_image_tokens, "train_minutes": round(train_minutes, 1),
+        "eval": {"num_scenes": eval_scenes, "closed_ended": metrics["closed_ended"], "pope": metrics["pope"], "chair": metrics["chair"]},
+    }
+    et = pipeline.export_bundle(folder / "bundle-executorch", "executorch", ("8da4w",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
+    artifact = load_bundle(et).artifact("executorch-8da4w")
+    record["executorch"] = {"recipe": "8da4w", "size_bytes": artifact["size_bytes"], "token_agreement": artifact["parity"]["token_agreement"],
+                            "answers_identical": artifact["parity"]["answers_identical"], "num_cases": artifact["parity"]["num_cases"]}
+    record["host"] = host_timings(et, "executorch-8da4w")
+    try:
+        onnx = pipeline.export_bundle(folder / "bundle-onnx", "onnx", ("int4",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
+        entry = load_bundle(onnx).artifact("onnx-int4")
+        record["onnx"] = {"recipe": "int4", "size_bytes": entry["size_bytes"], "token_agreement": entry["parity"]["token_agreement"]}
+    except MobileVLMError as exc:
+        record["onnx"] = {"recipe": "int4", "unsupported": str(exc)}
+    text_tokens = record["host"]["prompt_tokens"] - config.num_image_tokens
+    p = project(config, "8da4w", PROJECTION_DEVICE, PROJECTION_THREADS, PROJECTION_RUNTIME, context=256, prompt_lengths=(16,),
+                text_prompt_tokens=text_tokens, model_name=name)
+    record["projected"] = {"device": PROJECTION_DEVICE, "runtime": PROJECTION_RUNTIME, "threads": PROJECTION_THREADS,
+                           "image_encode_ms": round(1e3 * p.encode_s, 2), "ttft_ms": round(1e3 * p.ttft_s, 2), "decode_tokens_per_s": round(p.decode_tok_s, 1)}
+    record["machine"] = {"cpu": _cpu_model(), "torch_threads": HOST_THREADS}
+    (folder / "result.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table of the variants' records (what `OUT/ablation.md` holds)."""
+    head = ("| variant | axis | params (active) | image tokens | accuracy | reading | counting | POPE F1 | CHAIR_i | "
+            ".pte 8da4w MB | ONNX int4 MB | encode ms (host) | TTFT ms (host) | TTFT ms (8 Gen 3, projected) | train min |")
+    rows = [head, "|" + "---|" * 15]
+    for r in records:
+        closed, pope = r["eval"]["closed_ended"], r["eval"]["pope"]
+        f1 = statistics.mean(m["f1"] for m in pope.values())
+        by_type = closed["by_type"]
+        params = f"{r['parameters'] / 1e6:.2f}M" + (f" ({r['active_parameters'] / 1e6:.2f}M)" if r["active_parameters"] != r["parameters"] else "")
+        onnx = f"{r['onnx']['size_bytes'] / 1e6:.1f}" if "size_bytes" in r["onnx"] else "n/a"
+        rows.append(
+            f"| {r['variant']} | {r['choice']} | {params} | {r['image_tokens']} | {closed['accuracy']:.3f} | {by_type.get('reading', float('nan')):.3f} | "
+            f"{by_type.get('count', float('nan')):.3f} | {f1:.3f} | {r['eval']['chair']['chair_i']:.3f} | "
+            f"{r['executorch']['size_bytes'] / 1e6:.1f} | {onnx} | {r['host']['image_encode_ms']:.1f} | {r['host']['ttft_ms']:.1f} | "
+            f"{r['projected']['ttft_ms']:.1f} | {r['train_minutes']:.1f} |"
+        )
+    notes = [
+        "",
+        f"Budget `{records[0]['budget']}` for every variant; evaluation on {records[0]['eval']['num_scenes']} held-out test scenes. "
+        f"Host timings: ExecuTorch 8da4w in its runtime, {HOST_THREADS} thread, median of 5 after a warm-up, on {records[0]['machine']['cpu']}. "
+        f"Projected: roofline model of benchmarks/projection.py for {PROJECTION_DEVICE}, {PROJECTION_RUNTIME}, {PROJECTION_THREADS} threads "
+        "(a projection, not a phone measurement). ONNX n/a: the ONNX exporter does not carry that family (see each result.json).",
+    ]
+    for r in records:
+        notes.append(f"- **{r['variant']}**: {r['description']}")
+    return "\n".join(rows + notes) + "\n"
+
+
+def collect(out: Path, names: list[str]) -> list[dict]:
+    records = []
+    for name in names:
+        path = out / name / "result.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mobilevlm ablate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="folder for each variant's run, bundles and result.json, and the table")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--budget", default="ablation", choices=sorted(BUDGETS))
+    parser.add_argument("--eval-scenes", type=int, default=40, help="held-out test scenes per variant")
+    parser.add_argument("--jobs", type=int, default=2, help="variants run at once (one process and one thread each)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single variant in this process
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n for n in args.variants.split(",") if n]
+    for name in names:
+        if name not in VARIANTS:
+            raise ConfigError(f"unknown ablation variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        run_variant(args.one, args.out, args.budget, args.eval_scenes)
+        return 0
+    pending = [n for n in names if not (args.out / n / "result.json").is_file()]
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(HOST_THREADS))
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            name = pending.pop(0)
+            (args.out / name).mkdir(exist_ok=True)
+            log = open(args.out / name / "log.txt", "a")
+            command = [sys.executable, "-m", "mobilevlm.benchmarks.ablate", "--one", name, "--out", str(args.out), "--budget", args.budget,
+                       "--eval-scenes", str(args.eval_scenes)]
+            print(f"{name}: started (log {args.out / name / 'log.txt'})", flush=True)
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(2)
+        for name, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((name, proc))
+                (failed.append(name) if proc.returncode else None)
+                print(f"{name}: {'failed, see its log.txt' if proc.returncode else 'done'}", flush=True)
+    records = collect(args.out, names)
+    if records:
+        (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (args.out / "ablation.md").write_text(table(records))
+        print(table(records))
+    if failed:
+        raise MobileVLMError(f"ablation variant(s) failed: {', '.join(failed)} (see OUT/VARIANT/log.txt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
