@@ -15,6 +15,15 @@ The decoder's attention is swapped (a module swap on a copy of the model, the mo
 touched) for one that keeps its cache in ExecuTorch's [B, S, H_kv, D] layout and uses the runtime's
 `llama::update_cache` / `llama::custom_sdpa` kernels, which read only the filled part of the cache and
 handle grouped KV heads natively. Linear layers are lowered to XNNPACK.
+
+Feature-level interfaces (`config.interface`) give `text_decoder` a third input, and such programs
+cannot run in `MultimodalRunner` (it passes only embeddings and positions); an app drives their
+methods itself (ExecuTorch's Module API), as `ExecuTorchSession` does:
+- "cross_attention": `text_decoder(embeds, input_pos, image_features [1, N, D])`, N fixed
+  (`config.num_image_features`): the vision encoder's output, passed on every call; the prompt's text
+  is one sequence with no image positions.
+- "visual_expert": `text_decoder(embeds, input_pos, image_mask float [T])`, T dynamic like embeds:
+  1.0 at positions holding the vision encoder's output, 0.0 at text positions.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 from mobilevlm.errors import ExportError
@@ -33,6 +41,7 @@ from mobilevlm.model import MobileVLM, encode_views
 from mobilevlm.processing import Processor
 from mobilevlm.text import apply_rope
 
+from .executorch_session import ExecuTorchSession, load_runtime_kernels
 from .pipeline import ExportReport
 from .quantize import QuantRecipe, check_group_size, quantize_embedding, quantize_linears
 
@@ -40,12 +49,6 @@ from .quantize import QuantRecipe, check_group_size, quantize_embedding, quantiz
 # libraries include both sets).
 CUSTOM_OPS = ("llama::update_cache", "llama::custom_sdpa")
 QUANTIZED_EMBEDDING_OPS = ("quantized_decomposed::embedding_byte", "quantized_decomposed::embedding_4bit")
-
-
-def load_runtime_kernels() -> None:
-    """Register the custom and quantized kernels with the ExecuTorch runtime of this process."""
-    import executorch.kernels.quantized  # noqa: F401  quantized_decomposed::embedding_*
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama::custom_sdpa, update_cache
 
 
 class VisionEncoderMethod(nn.Module):
@@ -86,19 +89,24 @@ class CustomOpAttention(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.cache_len = cache_len
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None, expert: tuple | None = None
+    ) -> torch.Tensor:
+        """`expert`: as in `mobilevlm.text.Attention` (the visual expert's projections at image positions)."""
         b, t, _ = x.shape
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]: broadcast over heads in [B, T, H, D]
-        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if expert is None else expert[0].qkv(self, x, expert[1])
+        q = apply_rope(q.view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + t <= self.cache_len)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
         y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True)
-        return self.o_proj(y.reshape(b, t, -1))
+        y = y.reshape(b, t, -1)
+        return self.o_proj(y) if expert is None else expert[0].out(self, y, expert[1])
 
 
 class TextDecoderMethod(nn.Module):
@@ -111,11 +119,31 @@ class TextDecoderMethod(nn.Module):
             layer.self_attn = CustomOpAttention(layer.self_attn, cache_len)
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.logits(embeds, input_pos)
+
+    def logits(self, embeds: torch.Tensor, input_pos: torch.Tensor, **image_input: torch.Tensor) -> torch.Tensor:
         cos, sin = self.text.rope_cos[input_pos], self.text.rope_sin[input_pos]
         x = embeds
         for layer in self.text.layers:
-            x = layer(x, cos, sin, input_pos, None)
+            x = layer(x, cos, sin, input_pos, None, **image_input)
         return self.text.lm_head(self.text.norm(x[:, -1, :]))
+
+
+class CrossAttentionDecoderMethod(TextDecoderMethod):
+    """(embeds [1, T, D], input_pos [T], image_features [1, N, D]) -> logits [1, V]."""
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        return self.logits(embeds, input_pos, image_features=image_features)
+
+
+class VisualExpertDecoderMethod(TextDecoderMethod):
+    """(embeds [1, T, D], input_pos [T], image_mask float [T]) -> logits [1, V]."""
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        return self.logits(embeds, input_pos, image_mask=(image_mask > 0.5).view(1, -1, 1))
+
+
+DECODER_METHODS = {"token": TextDecoderMethod, "cross_attention": CrossAttentionDecoderMethod, "visual_expert": VisualExpertDecoderMethod}
 
 
 def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
@@ -124,25 +152,41 @@ def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
     s = c.input_image_size
     image = {"name": "image", "dtype": "uint8", "shape": [1, 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
              "resized_inside": False, "normalized_inside": True}
-    embeddings = {"name": "image_embeddings", "dtype": "float32", "shape": [1, c.num_image_tokens, c.text.hidden_size]}
+    embeddings = {"name": "image_embeddings", "dtype": "float32", "shape": [1, c.num_image_features, c.text.hidden_size]}
     if c.resolution == "anyres":
         image.update(name="views", shape=["K", 3, s, s], dynamic={"K": [2, 1 + c.max_tiles]},
                      meaning="the global view, then the tiles of the chosen layout row-major (preprocessing.tiling)")
         embeddings.update(shape=[1, f"K * {c.tokens_per_view + 1}", c.text.hidden_size], meaning="each view's tokens followed by a separator token")
+    decoder = {
+        "inputs": [
+            {"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size], "dynamic": {"T": [1, cache_len - 1]}},
+            {"name": "input_pos", "dtype": "int64", "shape": ["T"], "meaning": "positions start..start+T-1 of these embeddings"},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, c.text.vocab_size], "meaning": "next-token logits after the last position"}],
+        "kv_cache": {"positions": cache_len, "layout": "[1, positions, kv_heads, head_dim] per layer, held inside the program"},
+    }
+    if c.interface == "cross_attention":
+        embeddings["meaning"] = "image features for text_decoder's image_features input (not sequence positions)"
+        decoder["inputs"].append({"name": "image_features", "dtype": "float32", "shape": [1, c.num_image_features, c.text.hidden_size],
+                                  "meaning": "vision_encoder's output for the conversation's image, the same tensor on every call; all zeros when there is no image"})
+        decoder.update(interface="cross_attention", multimodal_runner=False, how_to_run=(
+            "the image takes no positions: run token_embedding on the ids of before_image followed by those of after_image (one sequence, "
+            "positions from 0) and call text_decoder with vision_encoder's output as image_features; pass the same image_features with every "
+            "generated token. MultimodalRunner cannot drive this program (it passes only embeddings and positions): call the methods."))
+    elif c.interface == "visual_expert":
+        decoder["inputs"].append({"name": "image_mask", "dtype": "float32", "shape": ["T"], "dynamic": {"T": [1, cache_len - 1]},
+                                  "meaning": "one value per position of embeddings (the same T): 1.0 where the embeddings are vision_encoder's output, 0.0 at text positions"})
+        decoder.update(interface="visual_expert", multimodal_runner=False, how_to_run=(
+            "as the token interface (before_image embeddings, vision_encoder's output, after_image embeddings, then each generated token), "
+            "with image_mask all 1.0 for the image chunk and all 0.0 for text chunks and generated tokens. MultimodalRunner cannot drive "
+            "this program (it passes only embeddings and positions): call the methods."))
     return {
         "vision_encoder": {"inputs": [image], "outputs": [embeddings]},
         "token_embedding": {
             "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"], "dynamic": {"T": [1, cache_len]}}],
             "outputs": [{"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size]}],
         },
-        "text_decoder": {
-            "inputs": [
-                {"name": "embeddings", "dtype": "float32", "shape": [1, "T", c.text.hidden_size], "dynamic": {"T": [1, cache_len - 1]}},
-                {"name": "input_pos", "dtype": "int64", "shape": ["T"], "meaning": "positions start..start+T-1 of these embeddings"},
-            ],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, c.text.vocab_size], "meaning": "next-token logits after the last position"}],
-            "kv_cache": {"positions": cache_len, "layout": "[1, positions, kv_heads, head_dim] per layer, held inside the program"},
-        },
+        "text_decoder": decoder,
     }
 
 
@@ -174,7 +218,8 @@ def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecip
         quantize_linears(model.vision, recipe.vision_bits, None)
         quantize_linears(model.projector, recipe.vision_bits, None)
 
-    vision, embedding, decoder = VisionEncoderMethod(model), TokenEmbeddingMethod(model), TextDecoderMethod(model, cache_len)
+    vision, embedding = VisionEncoderMethod(model), TokenEmbeddingMethod(model)
+    decoder = DECODER_METHODS[config.interface](model, cache_len)
     s = config.input_image_size
     image = torch.zeros(1, 3, s, s, dtype=torch.uint8)
     image_shapes = None
@@ -186,11 +231,18 @@ def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecip
     embeds = torch.zeros(1, 4, config.text.hidden_size)
     positions = torch.arange(4)
     seq = Dim("seq", min=1, max=cache_len - 1)
+    decoder_inputs, decoder_shapes = (embeds, positions), ({1: seq}, {0: seq})
+    if config.interface == "cross_attention":  # a fixed number of image features
+        decoder_inputs += (torch.zeros(1, config.num_image_features, config.text.hidden_size),)
+        decoder_shapes += (None,)
+    elif config.interface == "visual_expert":  # one mask value per position
+        decoder_inputs += (torch.zeros(4),)
+        decoder_shapes += ({0: seq},)
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         programs = {
             "vision_encoder": torch.export.export(vision, (image,), dynamic_shapes=image_shapes, strict=False),
             "token_embedding": torch.export.export(embedding, (tokens,), dynamic_shapes=({1: Dim("tokens", min=1, max=cache_len)},), strict=False),
-            "text_decoder": torch.export.export(decoder, (embeds, positions), dynamic_shapes=({1: seq}, {0: seq}), strict=False),
+            "text_decoder": torch.export.export(decoder, decoder_inputs, dynamic_shapes=decoder_shapes, strict=False),
         }
     metadata = {
         "get_max_seq_len": cache_len,
@@ -228,136 +280,6 @@ def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecip
         program.write_to_file(handle)
     logging.info("wrote %s", path)
     return ExportReport(Path(path), time.time() - started, Path(path).stat().st_size, method_specs(model, cache_len, recipe), metadata)
-
-
-class ExecuTorchSession:
-    """A .pte of a bundle, driven from the manifest alone, as an app drives it.
-
-    `answer` runs ExecuTorch's C++ `MultimodalRunner` (what the phone apps link); `forced_logits` calls
-    the program's methods through `executorch.runtime` to read logits, which the runner does not
-    expose. The decoder is loaded as its own program there: the Python runtime shares one memory plan
-    between all methods of a program, which would let other methods overwrite the KV cache.
-    """
-
-    def __init__(self, root: Path, artifact: dict, manifest: dict):
-        from mobilevlm.processing import ImageProcessor, Tokenizer
-
-        from .parity import captured_native_output, native_error
-
-        self.path = Path(root) / artifact["file"]
-        self.prompt = manifest["prompt"]
-        pre = manifest["preprocessing"]
-        self.image_processor = ImageProcessor.from_spec(pre)
-        # Tiled images are several views; MultimodalRunner hands its vision method one image, so such
-        # programs are driven through their methods (as an app would with ExecuTorch's Module API).
-        self.tiled = bool(self.image_processor.grids)
-        self.tokenizer = Tokenizer(Path(root) / manifest["tokenizer"]["file"])
-        with captured_native_output() as output:
-            load_runtime_kernels()
-            from executorch.extension.llm.runner import MultimodalRunner
-            from executorch.runtime import Runtime
-
-            try:
-                self.runner = MultimodalRunner(str(self.path), str(root))
-                runtime = Runtime.get()
-                encoders = runtime.load_program(str(self.path))
-                self.vision = encoders.load_method("vision_encoder")
-                self.embedding = encoders.load_method("token_embedding")
-                self.decoder = runtime.load_program(str(self.path)).load_method("text_decoder")
-            except RuntimeError:
-                raise native_error(f"{self.path}: ExecuTorch cannot load this program", output) from None
-
-    def image_tensor(self, image: Image.Image) -> torch.Tensor:
-        """uint8 [1, 3, S, S], or [views, 3, S, S] for a tiled image."""
-        return self.image_processor.prepare_views(image).contiguous()
-
-    def check_length(self, prompt: str) -> list[int]:
-        """Token ids after the image; a prompt that cannot fit the exported context is a `PromptError`."""
-        from .parity import ids_after_image
-
-        return ids_after_image(self.prompt, self.tokenizer, prompt, self.path.name)
-
-    def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
-        from executorch.extension.llm.runner import GenerationConfig, make_image_input, make_text_input, make_token_input
-
-        from .parity import captured_native_output, native_error
-
-        after = self.check_length(prompt)
-        if self.tiled:
-            return self._answer_by_methods(image, after, max_new_tokens)
-        inputs = [
-            make_token_input(list(self.prompt["before_image_ids"])),
-            make_image_input(self.image_tensor(image)),
-            make_text_input(self.prompt["after_image"].replace(self.prompt["prompt_slot"], prompt)),
-        ]
-        config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, echo=False)
-        self.printed_form = False
-        with captured_native_output() as output:
-            self.runner.reset()
-            try:
-                text = self.runner.generate_text(inputs, config)
-            except RuntimeError:
-                raise native_error(f"{self.path}: MultimodalRunner failed", output) from None
-            except UnicodeDecodeError:
-                # The answer's bytes are not valid UTF-8 (a byte-level token split a character) and
-                # the Python binding refuses to return them; the runner has printed them already.
-                self.printed_form = True
-        if self.printed_form:
-            # The runner prints each piece, then "\n", then "PyTorchObserver {...}\n".
-            text = output.stdout.split(b"PyTorchObserver ", 1)[0].removesuffix(b"\n").decode("utf-8", "replace")
-        # The runner does not stop when the very first (prefill) token is EOS: cut at the first stop.
-        for stop in self.prompt["stop_strings"]:
-            text = text.split(stop)[0]
-        return text
-
-    def printed_text(self, token_ids: list[int]) -> str:
-        """What the runner prints for these tokens: each piece through ExecuTorch's `safe_printf`,
-        which drops single-byte pieces that are neither printable nor whitespace."""
-        pieces = [self.tokenizer.token_bytes(t) for t in token_ids]
-        kept = [p for p in pieces if len(p) != 1 or 0x20 <= p[0] <= 0x7E or p[0] in b"\t\n\v\f\r"]
-        return b"".join(kept).decode("utf-8", "replace")
-
-    def _answer_by_methods(self, image: Image.Image, after: list[int], max_new_tokens: int) -> str:
-        """Greedy decoding through the program's methods, stopping at EOS or the context's end."""
-        self.printed_form = False
-        logits, pos = self._prefill(image, after)
-        eos, tokens = set(self.prompt["eos_ids"]), []
-        while len(tokens) < max_new_tokens:
-            token = int(logits.argmax())
-            if token in eos:
-                break
-            tokens.append(token)
-            if pos >= self.prompt["context_length"]:
-                break
-            logits = self.decoder.execute([self.embedding.execute([torch.tensor([[token]])])[0], torch.tensor([pos])])[0][0]
-            pos += 1
-        text = self.tokenizer.decode(tokens)
-        for stop in self.prompt["stop_strings"]:
-            text = text.split(stop)[0]
-        return text
-
-    def _prefill(self, image: Image.Image, after: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after the prompt (text, image, text) and the next position."""
-        chunks = [
-            self.embedding.execute([torch.tensor([self.prompt["before_image_ids"]])])[0],
-            self.vision.execute([self.image_tensor(image)])[0],
-            self.embedding.execute([torch.tensor([after])])[0],
-        ]
-        pos = 0
-        for chunk in chunks:
-            n = chunk.shape[1]
-            out = self.decoder.execute([chunk, torch.arange(pos, pos + n)])[0]
-            pos += n
-        return out[0].clone(), pos
-
-    def forced_logits(self, image: Image.Image, prompt: str, tokens: list[int]) -> list[torch.Tensor]:
-        first, pos = self._prefill(image, self.check_length(prompt))
-        logits = [first]
-        for token in tokens:
-            embeds = self.embedding.execute([torch.tensor([[token]])])[0]
-            logits.append(self.decoder.execute([embeds, torch.tensor([pos])])[0][0].clone())
-            pos += 1
-        return logits
 
 
 def backend():

@@ -163,6 +163,18 @@ def reduce_argmax(x, axis=np.int32(-1), keep_dims=np.bool_(False)):
     return np.expand_dims(out, int(axis)) if bool(keep_dims) else out
 
 
+@op("topk")
+def topk(x, k=np.int32(1), axis=np.int32(-1), ascending=np.bool_(False), sort=np.bool_(True), return_indices=np.bool_(True),
+         output_indices_dtype=np.array("int32")):
+    """Values and int32 indices of the k largest (smallest if ascending) along axis; ties keep the
+    lower index first, as a stable sort does (the MoE router's top-k)."""
+    axis, k = int(axis), int(k)
+    order = np.argsort(x if bool(ascending) else -x, axis=axis, kind="stable")
+    indices = np.take(order, np.arange(k), axis=axis)
+    values = np.take_along_axis(x, indices, axis=axis)
+    return (values, indices.astype(str(output_indices_dtype))) if bool(return_indices) else values
+
+
 @op("softmax")
 def softmax(x, axis=np.int32(-1)):
     x = f32(x)

@@ -366,6 +366,10 @@ def estimate_parameters(config: MobileVLMConfig) -> int:
     moe_layers = sum(t.is_moe_layer(i) for i in range(t.num_layers))
     text = t.num_layers * (attention + mlp) + moe_layers * (t.num_experts - 1) * mlp
     text += t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2)
+    if config.interface == "cross_attention":  # one gated block (4 D^2 attention + SwiGLU) per interval
+        text += t.num_layers // config.cross_attention_every * (4 * t.hidden_size**2 + mlp)
+    elif config.interface == "visual_expert":  # a second set of attention and MLP weights per layer
+        text += t.num_layers * (attention + mlp)
     projector = v.hidden_size * t.hidden_size + 3 * t.hidden_size**2
     if config.projector.type in QUERY_PROJECTORS:
         projector += config.projector.depth * (16 if config.projector.type == "qformer" else 12) * t.hidden_size**2

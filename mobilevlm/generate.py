@@ -4,6 +4,12 @@ Plain functions over a plain module (gpt-fast style): prefill the prompt (text b
 image tokens, text after it) through `decode` at positions 0..T-1, then one token at a time using the
 KV cache. Greedy when temperature is 0; otherwise temperature and top-p sampling from a seeded
 generator, so a sampled answer is repeatable.
+
+The feature-level interfaces change what a prompt is (`PromptInputs`):
+- cross-attention: the text before and after the image as one sequence, and the image features,
+  passed to every `decode` call (prompt and each generated token);
+- visual expert: the same sequence as the token interface, with an image mask that is 1 on the image
+  chunk and 0 on the text chunks; generated tokens are text (no mask).
 """
 
 from __future__ import annotations
@@ -57,21 +63,53 @@ def sample_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torc
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-def prompt_embeddings(model: MobileVLM, processor: Processor, image: ImageSource | None, prompt: str) -> torch.Tensor:
-    """[1, T, D]: embeddings of the text before the image, the image tokens, and the text after it."""
+@dataclass
+class PromptInputs:
+    """A prompt as `decode` takes it: embeddings [1, T, D] and the interface's image input, if any."""
+
+    embeds: torch.Tensor
+    image_features: torch.Tensor | None = None  # cross_attention: [1, N, D], for every decode call
+    image_mask: torch.Tensor | None = None  # visual_expert: float [T], 1 at image positions (prefill only)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The embeddings' shape, so code that measures a prompt by `.shape[1]` reads either form."""
+        return self.embeds.shape
+
+
+def prompt_inputs(model: MobileVLM, processor: Processor, image: ImageSource | None, prompt: str) -> PromptInputs:
+    """The prompt for `model`'s interface (see the module docstring)."""
     before, after = processor.prompt_ids(prompt)
+    features = model.encode_image(processor.image.preprocess(image)) if image is not None else None
+    if model.config.interface == "cross_attention":
+        return PromptInputs(model.embed(torch.tensor([before + after])), image_features=features)
     parts = [model.embed(torch.tensor([before]))] if before else []
-    if image is not None:
-        parts.append(model.encode_image(processor.image.preprocess(image)))
+    if features is not None:
+        parts.append(features)
     if after:
         parts.append(model.embed(torch.tensor([after])))
-    return torch.cat(parts, dim=1)
+    embeds = torch.cat(parts, dim=1)
+    if model.config.interface == "visual_expert" and features is not None:
+        mask = torch.cat([torch.zeros(len(before)), torch.ones(features.shape[1]), torch.zeros(len(after))])
+        return PromptInputs(embeds, image_mask=mask)
+    return PromptInputs(embeds)
 
 
-def iter_tokens(model: MobileVLM, embeds: torch.Tensor, sampling: SamplingConfig, eos_ids: set[int], state: dict | None = None) -> Iterator[int]:
-    """Prefill `embeds` [1, T, D], then yield generated token ids until EOS, the token budget or the
-    end of the cache. `state`, if given, receives `first_logits` and `stopped_by_eos`."""
+def prompt_embeddings(model: MobileVLM, processor: Processor, image: ImageSource | None, prompt: str) -> torch.Tensor | PromptInputs:
+    """[1, T, D]: embeddings of the text before the image, the image tokens, and the text after it.
+
+    For the cross_attention and visual_expert interfaces the image is not (only) embeddings, so this
+    returns their `PromptInputs`; `iter_tokens` takes either."""
+    inputs = prompt_inputs(model, processor, image, prompt)
+    return inputs.embeds if model.config.interface == "token" else inputs
+
+
+def iter_tokens(model: MobileVLM, embeds: torch.Tensor | PromptInputs, sampling: SamplingConfig, eos_ids: set[int], state: dict | None = None) -> Iterator[int]:
+    """Prefill `embeds` [1, T, D] (or a `PromptInputs`), then yield generated token ids until EOS, the
+    token budget or the end of the cache. `state`, if given, receives `first_logits` and `stopped_by_eos`."""
     state = {} if state is None else state
+    prompt = embeds if isinstance(embeds, PromptInputs) else PromptInputs(embeds)
+    embeds, features = prompt.embeds, prompt.image_features
     prompt_len = embeds.shape[1]
     if model.cache_len == 0:
         model.setup_cache(1)
@@ -82,7 +120,7 @@ def iter_tokens(model: MobileVLM, embeds: torch.Tensor, sampling: SamplingConfig
     budget = min(sampling.max_new_tokens, room)
     state["stopped_by_eos"] = False
     with torch.inference_mode():  # entered per step: a generator must not leak grad mode to its consumer
-        logits = model.decode(embeds, torch.arange(prompt_len))[0, -1]
+        logits = model.decode(embeds, torch.arange(prompt_len), features, prompt.image_mask)[0, -1]
     state["first_logits"] = logits.clone()
     for step in range(budget):
         token = sample_token(logits, sampling, generator)
@@ -92,14 +130,14 @@ def iter_tokens(model: MobileVLM, embeds: torch.Tensor, sampling: SamplingConfig
         yield token
         if step + 1 < budget:
             with torch.inference_mode():
-                logits = model.decode(model.embed(torch.tensor([[token]])), torch.tensor([prompt_len + step]))[0, -1]
+                logits = model.decode(model.embed(torch.tensor([[token]])), torch.tensor([prompt_len + step]), features)[0, -1]
 
 
 def generate_ids(model: MobileVLM, processor: Processor, image: ImageSource | None, prompt: str, on_token: Callable[[int], None] | None = None, **sampling) -> GenerationResult:
     """Generate an answer; returns token ids, text, prompt length and the first token's logits."""
     config = SamplingConfig(**sampling)
     with torch.inference_mode():
-        embeds = prompt_embeddings(model, processor, image, prompt)
+        embeds = prompt_inputs(model, processor, image, prompt)
     state: dict = {}
     tokens = []
     for token in iter_tokens(model, embeds, config, {processor.tokenizer.eos_id}, state):
@@ -118,7 +156,7 @@ def generate_stream(model: MobileVLM, processor: Processor, image: ImageSource |
     """Yield the answer as text pieces as tokens arrive (a multi-byte character waits for its last byte)."""
     config = SamplingConfig(**sampling)
     with torch.inference_mode():
-        embeds = prompt_embeddings(model, processor, image, prompt)
+        embeds = prompt_inputs(model, processor, image, prompt)
     streamer = TextStreamer(processor)
     for token in iter_tokens(model, embeds, config, {processor.tokenizer.eos_id}):
         if piece := streamer.push(token):

@@ -10,6 +10,11 @@ Two paths through attention:
 - with `input_pos` (inference and export): keys and values are written into fixed-size cache buffers
   in place at `input_pos`, and queries attend over the whole cache through a causal mask row per
   position. Shapes never change with the position, which is what exporters need.
+
+Interfaces other than "token" (`mobilevlm.interfaces`) add modules to the layers: a gated
+cross-attention block before some layers (`layers.{i}.cross_attn`, fed `image_features`), or a visual
+expert in every layer (`layers.{i}.image_expert`, routed by `image_mask`). A token-interface decoder
+has neither, and its parameters and computation are those of the plain LLaMA decoder.
 """
 
 from __future__ import annotations
@@ -82,11 +87,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None, expert: tuple | None = None
+    ) -> torch.Tensor:
+        """`expert` (visual-expert interface only): (VisualExpert, bool mask [B or 1, T, 1]); image
+        positions take their q / k / v / o projections from the expert."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if expert is None else expert[0].qkv(self, x, expert[1])
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -100,31 +110,60 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(y) if expert is None else expert[0].out(self, y, expert[1])
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block. Layer `index` decides the feed-forward: a SparseMoE where the config makes it
-    an MoE layer (`config.is_moe_layer(index)`), the dense MLP otherwise; either is named `mlp`."""
+    an MoE layer (`config.is_moe_layer(index)`), the dense MLP otherwise; either is named `mlp`.
 
-    def __init__(self, config: TextConfig, index: int = 0):
+    `cross_attn` (a GatedCrossAttention, run first) and `image_expert` (a VisualExpert) come from the
+    model's interface; both are None for the token interface."""
+
+    def __init__(self, config: TextConfig, index: int = 0, cross_attn: nn.Module | None = None, image_expert: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SparseMoE(config) if config.is_moe_layer(index) else MLP(config)
+        self.cross_attn = cross_attn
+        self.image_expert = image_expert
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        input_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`image_features` [B, N, D] feed `cross_attn`; `image_mask` (bool [B or 1, T, 1]) routes
+        image positions through `image_expert`. Without them the layer is the text-only layer."""
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, image_features)
+        if self.image_expert is None or image_mask is None:
+            # the exporters' attention swaps (ExecuTorch, ONNX, Core ML) take exactly these five inputs
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, (self.image_expert, image_mask))
+        return x + self.image_expert.feed_forward(self.mlp, self.post_attention_layernorm(x), image_mask)
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, config: TextConfig):
+    """The decoder. `interface` (MobileVLMConfig.interface) adds the modules of a feature-level
+    interface: "cross_attention" puts a gated cross-attention block before layers
+    `cross_attention_every - 1`, `2 * cross_attention_every - 1`, ...; "visual_expert" gives every
+    layer an image expert."""
+
+    def __init__(self, config: TextConfig, interface: str = "token", cross_attention_every: int = 0):
         super().__init__()
         self.config = config
+        self.interface = interface
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, *_interface_modules(config, interface, cross_attention_every, i)) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -166,12 +205,33 @@ class TextDecoder(nn.Module):
             layer.self_attn.kv_cache = None
         self.causal_mask = torch.empty(0, dtype=torch.bool, device=self.causal_mask.device)
 
-    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """embeds [B, T, D] -> logits [B, T, vocab]. With `input_pos` [T], read and write the KV cache."""
-        return self.lm_head(self.hidden_states(embeds, input_pos))
+    def copy_text_weights_to_image_experts(self) -> None:
+        """Visual expert: start every layer's image expert as a copy of its text weights (CogVLM)."""
+        for layer in self.layers:
+            if layer.image_expert is not None:
+                layer.image_expert.copy_from(layer.self_attn, layer.mlp)
 
-    def hidden_states(self, embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, input_pos: torch.Tensor | None = None, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """embeds [B, T, D] -> logits [B, T, vocab]. With `input_pos` [T], read and write the KV cache.
+
+        `image_features` [B, N, D] (cross-attention interface): the image every cross-attention block
+        attends to; None (or zeros) for a conversation without an image. `image_mask` (visual-expert
+        interface): bool or float [T] or [B, T], 1 where `embeds` holds image tokens; None for text only.
+        """
+        return self.lm_head(self.hidden_states(embeds, input_pos, image_features, image_mask))
+
+    def hidden_states(
+        self, embeds: torch.Tensor, input_pos: torch.Tensor | None = None, image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final-norm hidden states [B, T, D] (what `lm_head` reads)."""
+        if image_features is not None and self.interface != "cross_attention":
+            raise ValueError(f"image_features are an input of the cross_attention interface only; this decoder's interface is {self.interface!r}")
+        if image_mask is not None:
+            if self.interface != "visual_expert":
+                raise ValueError(f"image_mask is an input of the visual_expert interface only; this decoder's interface is {self.interface!r}")
+            image_mask = image_mask_3d(image_mask, embeds.shape[0], embeds.shape[1])
         if input_pos is None:
             t = embeds.shape[1]
             cos, sin, mask = self.rope_cos[:t], self.rope_sin[:t], None
@@ -182,5 +242,30 @@ class TextDecoder(nn.Module):
             mask = self.causal_mask[input_pos]
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask) if self.interface == "token" else layer(x, cos, sin, input_pos, mask, image_features, image_mask)
         return self.norm(x)
+
+
+def image_mask_3d(image_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """A visual-expert mask as given to `decode` (bool or float, [T] or [B, T], 1 at image positions)
+    as the bool [B or 1, T, 1] the layers route with."""
+    if image_mask.shape[-1] != length or image_mask.dim() not in (1, 2) or (image_mask.dim() == 2 and image_mask.shape[0] not in (1, batch)):
+        raise ValueError(f"image_mask of shape {tuple(image_mask.shape)} does not fit {batch} sequence(s) of {length} positions (expected [T] or [B, T])")
+    mask = image_mask if image_mask.dtype == torch.bool else image_mask > 0.5
+    return mask.reshape(-1 if mask.dim() == 2 else 1, length, 1)
+
+
+def _interface_modules(config: TextConfig, interface: str, cross_attention_every: int, index: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """(cross_attn, image_expert) of layer `index`."""
+    if interface == "token":
+        return None, None
+    # imported here: interfaces.py builds on this module's RMSNorm
+    from .interfaces import GatedCrossAttention, VisualExpert
+
+    if interface == "cross_attention":
+        if cross_attention_every < 1:
+            raise ValueError(f"cross_attention_every must be at least 1, got {cross_attention_every}")
+        return (GatedCrossAttention(config) if index % cross_attention_every == cross_attention_every - 1 else None), None
+    if interface == "visual_expert":
+        return None, VisualExpert(config)
+    raise ValueError(f"unknown interface {interface!r}")

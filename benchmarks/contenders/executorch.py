@@ -17,6 +17,17 @@ class Contender:
     def __init__(self, bundle, artifact: dict):
         from executorch.runtime import Runtime
 
+        from mobilevlm.errors import MobileVLMError
+
+        inputs = [i["name"] for i in artifact["methods"]["text_decoder"]["inputs"]]
+        if len(inputs) > 2:
+            # The worker feeds the image as prompt embeddings (the token interface); a decoder with an
+            # image input (cross_attention: image_features, visual_expert: image_mask) needs a
+            # different prompt flow, which the benchmark does not have yet.
+            raise MobileVLMError(
+                f"{bundle.path(artifact['file'])}: text_decoder takes {', '.join(inputs)} "
+                f"(interface {artifact['methods']['text_decoder'].get('interface', '?')!r}); the benchmark drives only token-interface programs"
+            )
         path = bundle.path(artifact["file"])
         self.name, self.file_bytes = artifact["name"], path.stat().st_size
         runtime = Runtime.get()

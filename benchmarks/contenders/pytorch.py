@@ -15,6 +15,11 @@ class Contender:
         from mobilevlm import load_model
 
         self.model = load_model(model_dir)
+        if self.model.config.interface != "token":
+            from mobilevlm.errors import MobileVLMError
+
+            # the worker's prompt flow puts the image in the sequence; these decoders take it beside it
+            raise MobileVLMError(f"{model_dir}: the benchmark worker times token-interface models only, not interface {self.model.config.interface!r}")
         self.model.setup_cache(1, bundle.manifest["prompt"]["context_length"])
         self.file_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
         v = self.model.config.vision

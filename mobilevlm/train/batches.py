@@ -48,7 +48,13 @@ class ScenePool:
         key = index % self.size
         if key not in self._pixels:
             seed = self.seed(key)
-            side = self.processor.image.size * RENDER_SCALES[seed % len(RENDER_SCALES)]
+            scales = RENDER_SCALES
+            if self.processor.image.grids:
+                # Tiled models: the scenes are square, so every image large enough to fill a tile
+                # grid takes the same layout and a batch's view counts agree; a 1x scene would take
+                # the smaller layout (fewer views) and could not share a batch with the others.
+                scales = tuple(s for s in RENDER_SCALES if s > 1)
+            side = self.processor.image.size * scales[seed % len(scales)]
             views = self.processor.image.prepare_views(render_scene(make_scene(seed), side))
             self._pixels[key] = views if self.processor.image.grids else views[0]
         return self.processor.image.normalize(self._pixels[key])

@@ -88,6 +88,14 @@ def lr_at(stage: StageConfig, step: int) -> float:
 def set_trainable(model: MobileVLM, parts: tuple[str, ...]) -> None:
     for name, module in (("vision", model.vision), ("projector", model.projector), ("text", model.text)):
         module.requires_grad_(name in parts)
+    if "projector" in parts:
+        # A feature-level interface's weights live in the decoder's layers but belong to the image
+        # path: Flamingo trains its cross-attention blocks, CogVLM its visual expert, with the language
+        # model frozen. Without this, zero-initialised gates would leave the projector no gradient.
+        for layer in model.text.layers:
+            for module in (getattr(layer, "cross_attn", None), getattr(layer, "image_expert", None)):
+                if module is not None:
+                    module.requires_grad_(True)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
@@ -189,6 +197,9 @@ class Trainer:
             params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, stage)
         start = self._load_partial(index, stage, aux, optimizer)
+        if stage.name == "align" and start == 0 and self.config.interface == "visual_expert":
+            # CogVLM: the visual expert starts from the language model as trained so far
+            model.text.copy_text_weights_to_image_experts()
         reference = self._dpo_reference(index, stage) if stage.name == "dpo" else None
         started, samples, ema = time.time(), 0, None
         bar = tqdm(total=stage.steps, initial=start, desc=f"{index}/{len(self.recipe.stages)} {stage.name}", disable=not self.progress, dynamic_ncols=True)

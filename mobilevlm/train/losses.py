@@ -59,10 +59,11 @@ class ContrastiveModel(nn.Module):
 
 
 def sequence_logprobs(model: MobileVLM, token_ids: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log-probabilities of the labelled tokens of each row [B]."""
-    features = model.encode_image(pixels)
-    embeds, labels = model.merge_inputs(token_ids, features, labels)
-    logits = model.text(embeds)[:, :-1]
+    """Sum of log-probabilities of the labelled tokens of each row [B]. The image reaches the decoder
+    as the model's interface wants it (tokens in the sequence, cross-attention features, or image
+    tokens routed to the visual expert): `MobileVLM.prepare_inputs`."""
+    embeds, labels, image_input = model.prepare_inputs(token_ids, pixels, labels)
+    logits = model.text(embeds, **image_input)[:, :-1]
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

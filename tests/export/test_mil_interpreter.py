@@ -323,3 +323,15 @@ def test_reciprocal_rope_becomes_inverse_with_epsilon_and_fp16_angles_drift(reci
         assert error[0] < 5e-3 and error[-1] > 0.01
     else:
         assert error.max() < 1e-3
+
+
+def test_topk_matches_torch():
+    x = np.random.default_rng(0).standard_normal((2, 5, 7)).astype(np.float32)
+    values, indices = OPS["topk"](x, k=np.int32(3), axis=np.int32(-1))
+    expected = torch.topk(torch.from_numpy(x), 3, dim=-1)
+    np.testing.assert_array_equal(values, expected.values.numpy())
+    np.testing.assert_array_equal(indices, expected.indices.numpy())
+    assert indices.dtype == np.int32
+    smallest = OPS["topk"](x, k=np.int32(2), axis=np.int32(1), ascending=np.bool_(True), output_indices_dtype=np.array("int16"))[1]
+    np.testing.assert_array_equal(smallest, torch.topk(torch.from_numpy(x), 2, dim=1, largest=False).indices.numpy())
+    assert smallest.dtype == np.int16
