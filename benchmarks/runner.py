@@ -68,6 +68,7 @@ def run_bench(
     emulator_cache: Path | None = None,
     peers: tuple[str, ...] = (),
     peer_cache: Path | None = None,
+    emulate: str | None = None,
 ) -> list[dict]:
     if target not in TARGETS:
         raise MobileVLMError(f"unknown benchmark target {target!r}; expected one of {', '.join(TARGETS)}")
@@ -77,6 +78,14 @@ def run_bench(
         peers = parse_peers(",".join(peers))
         if target != "host":
             raise MobileVLMError(f"--peers are measured on the host target (not {target})")
+    emulated_cpu = None
+    if emulate:
+        if target != "emulator":
+            raise MobileVLMError(f"--emulate picks the emulated CPU of the emulator target (not {target})")
+        from .devices import get_device
+        from .targets.emulator import cpu_for_device
+
+        emulated_cpu = cpu_for_device(get_device(emulate))
     if runner is not None and target != "adb":
         raise MobileVLMError("--runner names a binary for the adb target (--target adb)")
     bundle = load_bundle(bundle_dir)
@@ -90,8 +99,8 @@ def run_bench(
     if target == "emulator":
         from .targets.emulator import BACKENDS, Emulator
 
-        emulator = Emulator(emulator_cache, log=log).ensure()
-        base["emulator"] = {**emulator.cpu_facts(), "versions": emulator.installed_versions(),
+        emulator = Emulator(emulator_cache, cpu=emulated_cpu, log=log).ensure()
+        base["emulator"] = {**emulator.cpu_facts(), "versions": emulator.installed_versions(), "device_profile": emulate,
                             "note": "times are this host running QEMU user-mode emulation: they prove the aarch64 kernels run, they are not phone times"}
         python, env = [*emulator.python(), str(Path(__file__).parent / "targets" / "emulated_entry.py")], emulator.env()
         repeats, warmup = min(repeats, EMULATED["repeats"]), min(warmup, EMULATED["warmup"])

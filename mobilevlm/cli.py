@@ -287,6 +287,7 @@ class Bench:
         parser.add_argument("bundle", type=Path)
         parser.add_argument("--target", default="host", help="host, emulator (ARM64 under qemu-aarch64-static; emulated times) or adb (a connected Android device)")
         parser.add_argument("--runner", type=Path, help="adb target: a runner binary to push and run instead of the demo app's benchmark mode")
+        parser.add_argument("--emulate", metavar="DEVICE", help="emulator target: emulate the CPU features of this device profile's big cores (default: QEMU_CPU or cortex-a76)")
         parser.add_argument("--threads", type=int_list, default=(1,), help="thread counts to measure, e.g. 1,2")
         parser.add_argument("--prompt-lengths", type=int_list, default=(16, 64), help="prefill lengths to time")
         parser.add_argument("--repeats", type=positive_int, default=5)
@@ -317,7 +318,7 @@ class Bench:
 
         peers = parse_peers(args.peers)  # an unknown peer fails before the long run
         records = run_bench(args.bundle, args.target, args.threads, args.prompt_lengths, args.repeats, args.warmup, args.decode_tokens, args.model, only,
-                            runner=args.runner, peers=peers)
+                            runner=args.runner, peers=peers, emulate=args.emulate)
         if devices:
             from .benchmarks.projection import project_records
 

@@ -51,6 +51,26 @@ from . import stubs
 
 QEMU = "qemu-aarch64-static"
 DEFAULT_CPU = "cortex-a76"
+# QEMU 7.2 has no named model of an Armv9 phone core (Cortex-X2..X4, A710..A720: dotprod, i8mm, bf16;
+# phone kernels do not enable SVE). `max` with SVE and SME switched off exposes exactly that ISA level
+# (checked: its AT_HWCAP2 has i8mm and bf16, no sve / sme), so XNNPACK and ORT take their i8mm paths.
+ARMV9_PHONE_CPU = "max,sve=off,sme=off"
+
+
+def cpu_for_device(device) -> str:
+    """The QEMU CPU whose features match a device profile's big cores (`benchmarks/devices`)."""
+    from mobilevlm.errors import MobileVLMError
+
+    features = set(device.features)
+    if "asimd" not in features:
+        raise MobileVLMError(f"emulator: {device.id} is not an ARM64 device (features {', '.join(sorted(features))}); the emulator runs aarch64 only")
+    if "sme" in features:
+        return "max,sve=off"  # Apple M4: SME without SVE for non-streaming code
+    if "i8mm" in features:
+        return ARMV9_PHONE_CPU
+    if "asimddp" in features:
+        return DEFAULT_CPU
+    return "cortex-a72"  # Armv8.0: no dotprod
 PYTHON = "python3.11"
 PLATFORM = "manylinux_2_28_aarch64"
 # pip takes --platform literally: name the older manylinux tags that glibc 2.36 also runs.
@@ -266,11 +286,12 @@ class Emulator:
     def cpu_facts(self) -> dict:
         """Name, MIDR and features (from AT_HWCAP / AT_HWCAP2) of the emulated CPU; writes the sysroot's
         proc/cpuinfo to match, one entry per host core (the emulated process sees the host's cores)."""
-        if self.cpu not in MIDR:
+        model = self.cpu.split(",")[0]  # a model name, optionally with properties (max,sve=off)
+        if model not in MIDR:
             raise MobileVLMError(f"emulator: QEMU_CPU={self.cpu!r} is not one of the CPU models this target knows ({', '.join(MIDR)})")
         hwcap, hwcap2 = (int(x) for x in self.python_output(["-c", _HWCAP_PROBE]).split())
         features = cpu_features(hwcap, hwcap2)
-        implementer, variant, part, revision = MIDR[self.cpu]
+        implementer, variant, part, revision = MIDR[model]
         entry = (f"BogoMIPS\t: 50.00\nFeatures\t: {' '.join(features)}\nCPU implementer\t: 0x{implementer:02x}\n"
                  f"CPU architecture: 8\nCPU variant\t: 0x{variant:x}\nCPU part\t: 0x{part:03x}\nCPU revision\t: {revision}\n\n")
         proc = self.sysroot / "proc"

@@ -92,3 +92,35 @@ def test_emulated_artifacts_give_the_host_tokens(warm, which, micro_bundle, requ
     m = record["metrics"]  # capped for the emulator: one run of a few tokens
     assert m["decode_tok_s"]["n"] == 1 and m["decode_tokens"] <= 4 and m["decode_tok_s"]["median"] > 0
     assert any("identical" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "device, cpu",
+    [("snapdragon-888", "cortex-a76"), ("snapdragon-8-gen-3", "max,sve=off,sme=off"), ("tensor-g3", "max,sve=off,sme=off"),
+     ("raspberry-pi-5", "cortex-a76"), ("apple-m4", "max,sve=off")],
+)
+def test_device_profiles_choose_the_emulated_cpu(device, cpu):
+    from mobilevlm.benchmarks.devices import get_device
+
+    assert emulator_target.cpu_for_device(get_device(device)) == cpu
+
+
+def test_emulating_a_non_arm_device_or_another_target_is_one_line(micro_bundle):
+    from mobilevlm.benchmarks.devices import get_device
+
+    with pytest.raises(MobileVLMError, match="not an ARM64 device"):
+        emulator_target.cpu_for_device(get_device("intel-i7-10750h"))
+    with pytest.raises(MobileVLMError, match="--emulate picks the emulated CPU"):
+        run_bench(micro_bundle, target="host", emulate="snapdragon-8-gen-3", log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_emulating_an_armv9_phone_takes_the_i8mm_paths_and_gives_the_host_tokens(warm, micro_bundle):
+    records = run_bench(micro_bundle, target="emulator", repeats=1, decode_tokens=4, only=("executorch-8da4w-g32",),
+                        emulate="snapdragon-8-gen-3", log=lambda s: None)
+    [record] = records
+    assert "error" not in record, record.get("error")
+    emulator = record["emulator"]
+    assert emulator["cpu"] == "max,sve=off,sme=off" and emulator["device_profile"] == "snapdragon-8-gen-3"
+    assert {"i8mm", "bf16", "asimddp"} <= set(emulator["cpu_features"]) and not {"sve", "sve2", "sme"} & set(emulator["cpu_features"])
+    assert record["host_check"]["identical"]
