@@ -120,9 +120,47 @@ public struct Manifest {
         return url
     }
 
+    /// The end of every refusal of a program whose methods take more than the apps' runner flow passes.
+    static let runnerOnly = "; the demo app drives MultimodalRunner-style programs only"
+
+    /// Refuses bundles the apps would otherwise run wrongly rather than fail on: the apps prepare one
+    /// S x S image for `vision_encoder` and call `text_decoder(embeddings, input_pos)`, so a tiled model
+    /// (its encoder takes several views) or a feature-level interface (its decoder takes the image as a
+    /// third input) would load and then answer from garbage. Absent fields mean the flow the apps drive,
+    /// so older bundles load as before.
+    static func refuseUndrivable(_ whereFile: String, _ json: JSON) throws {
+        if let tiling = json["preprocessing"]?["tiling"], tiling != .null {
+            throw BundleError("\(whereFile): this bundle tiles images (preprocessing.tiling); the demo app drives single-image programs only")
+        }
+        if let kind = json["model"]?["config"]?["interface"], kind != .null, kind.string != "token" {
+            throw BundleError("\(whereFile): text_decoder takes an image input (model.config.interface \(kind.string ?? kind.text()))\(runnerOnly)")
+        }
+        for (i, a) in (json["artifacts"]?.array ?? []).enumerated() {
+            guard let decoder = a["methods"]?["text_decoder"], decoder.isObject, let reason = decoderMismatch(decoder) else { continue }
+            let name = a["name"]?.string.map { " (\($0))" } ?? ""
+            throw BundleError("\(whereFile): artifacts[\(i)]\(name): \(reason)\(runnerOnly)")
+        }
+    }
+
+    /// Why an artifact's `methods.text_decoder` is not `(embeddings, input_pos)`, or nil.
+    private static func decoderMismatch(_ decoder: JSON) -> String? {
+        if let kind = decoder["interface"], kind != .null, kind.string != "token" {
+            return "text_decoder takes an image input (interface \(kind.string ?? kind.text()))"
+        }
+        if decoder["multimodal_runner"]?.bool == false {
+            return "text_decoder is marked multimodal_runner false"
+        }
+        if let inputs = decoder["inputs"]?.array, inputs.count > 2 {
+            let names = inputs.map { $0["name"]?.string ?? "?" }.joined(separator: ", ")
+            return "text_decoder takes \(inputs.count) inputs (\(names)), not embeddings and input_pos"
+        }
+        return nil
+    }
+
     private init(root: URL, json: JSON, whereFile: String) throws {
         self.root = root
         self.json = json
+        try Manifest.refuseUndrivable(whereFile, json)
         image = try ImageSpec(whereFile, json["preprocessing"]!)
         prompt = try PromptSpec(whereFile, json["prompt"]!)
         guard let file = json["tokenizer"]?["file"]?.string else { throw BundleError("\(whereFile): tokenizer.file must be a string") }

@@ -105,6 +105,67 @@ final class ManifestTests: XCTestCase {
         }
     }
 
+    /// The one-line message loading `root` fails with.
+    func refusal(_ root: URL) -> String {
+        do {
+            _ = try Manifest.load(root, verify: .size)
+            return "loaded (expected a refusal)"
+        } catch {
+            return (error as? BundleError)?.message ?? "\(error)"
+        }
+    }
+
+    /// `good` with a `methods.text_decoder` section on its artifact.
+    func withDecoder(_ decoder: String) -> String {
+        good.replacingOccurrences(
+            of: "\"quantization\": {\"recipe\": \"fp32\"}}]", with: "\"quantization\": {\"recipe\": \"fp32\"}, \"methods\": {\"text_decoder\": \(decoder)}}]")
+    }
+
+    let twoInputs = "\"inputs\": [{\"name\": \"embeddings\"}, {\"name\": \"input_pos\"}"
+    let runnerOnly = "; the demo app drives MultimodalRunner-style programs only"
+
+    func testATiledBundleIsRefused() throws {
+        let root = try bundle(
+            manifestText(good).replacingOccurrences(
+                of: "\"channel_order\": \"RGB\",",
+                with: "\"channel_order\": \"RGB\", \"tiling\": {\"grids\": [[1, 2], [2, 1], [2, 2]], \"tile_size\": 32, \"tokens_per_view\": 5},"))
+        XCTAssertEqual(
+            refusal(root),
+            "\(root.appendingPathComponent("manifest.json").path): this bundle tiles images (preprocessing.tiling);"
+                + " the demo app drives single-image programs only")
+    }
+
+    func testAFeatureLevelInterfaceIsRefused() throws {
+        let decoder = "{\(twoInputs), {\"name\": \"image_features\"}], \"interface\": \"cross_attention\", \"multimodal_runner\": false}"
+        let root = try bundle(
+            manifestText(withDecoder(decoder)).replacingOccurrences(of: "\"config\": {}", with: "\"config\": {\"interface\": \"cross_attention\"}"))
+        XCTAssertEqual(
+            refusal(root),
+            "\(root.appendingPathComponent("manifest.json").path): text_decoder takes an image input (model.config.interface cross_attention)\(runnerOnly)")
+    }
+
+    func testAnArtifactWhoseDecoderTakesAnImageIsRefused() throws {
+        let cases = [
+            ("{\(twoInputs), {\"name\": \"image_mask\"}], \"interface\": \"visual_expert\", \"multimodal_runner\": false}",
+             "text_decoder takes an image input (interface visual_expert)"),
+            ("{\(twoInputs)], \"multimodal_runner\": false}", "text_decoder is marked multimodal_runner false"),
+            ("{\(twoInputs), {\"name\": \"image_mask\"}]}", "text_decoder takes 3 inputs (embeddings, input_pos, image_mask), not embeddings and input_pos"),
+        ]
+        for (decoder, reason) in cases {
+            let root = try bundle(manifestText(withDecoder(decoder)))
+            XCTAssertEqual(refusal(root), "\(root.appendingPathComponent("manifest.json").path): artifacts[0] (executorch-fp32): \(reason)\(runnerOnly)")
+        }
+    }
+
+    func testATokenInterfaceBundleStillLoads() throws {
+        let decoder = "{\(twoInputs)], \"interface\": \"token\", \"multimodal_runner\": true}"
+        let root = try bundle(manifestText(withDecoder(decoder)).replacingOccurrences(of: "\"config\": {}", with: "\"config\": {\"interface\": \"token\"}"))
+        let m = try Manifest.load(root, verify: .sha256)
+        XCTAssertEqual(try m.firstArtifact(backend: "executorch").name, "executorch-fp32")
+        XCTAssertEqual(m.artifacts[0].method("text_decoder")?["inputs"]?.array?.count, 2)
+        XCTAssertEqual(m.image.size, 32)
+    }
+
     func testAnAspectModeTheAppDoesNotKnow() throws {
         assertRefused(try bundle(manifestText(good).replacingOccurrences(of: "\"pad\"", with: "\"letterbox\"")), .size, "aspect_mode is 'letterbox'")
     }

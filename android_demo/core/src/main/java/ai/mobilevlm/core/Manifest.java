@@ -45,6 +45,7 @@ public final class Manifest {
         this.root = root;
         this.json = json;
         this.where = new File(root, FILE).getPath();
+        refuseUndrivable(where, json);
         this.image = new ImageSpec(where, object(json, "preprocessing", where));
         this.prompt = new PromptSpec(where, object(json, "prompt", where));
         this.tokenizerFile = string(object(json, "tokenizer", where), "file", where + ": tokenizer");
@@ -63,6 +64,72 @@ public final class Manifest {
             }
         }
         this.parityCases = Collections.unmodifiableList(cases);
+    }
+
+    /** The end of every refusal of a program whose methods take more than the apps' runner flow passes. */
+    private static final String RUNNER_ONLY = "; the demo app drives MultimodalRunner-style programs only";
+
+    /**
+     * Refuses bundles the apps would otherwise run wrongly rather than fail on: the apps prepare one
+     * S x S image for {@code vision_encoder} and call {@code text_decoder(embeddings, input_pos)}, so a
+     * tiled model (its encoder takes several views) or a feature-level interface (its decoder takes the
+     * image as a third input) would load and then answer from garbage. Absent fields mean the flow the
+     * apps drive, so older bundles load as before.
+     */
+    static void refuseUndrivable(String where, Map<String, Object> json) throws BundleException {
+        Object pre = json.get("preprocessing");
+        if (pre instanceof Map && ((Map<?, ?>) pre).get("tiling") != null) {
+            throw new BundleException(where + ": this bundle tiles images (preprocessing.tiling); the demo app drives single-image programs only");
+        }
+        Object model = json.get("model");
+        Object config = model instanceof Map ? ((Map<?, ?>) model).get("config") : null;
+        Object modelInterface = config instanceof Map ? ((Map<?, ?>) config).get("interface") : null;
+        if (modelInterface != null && !"token".equals(modelInterface)) {
+            throw new BundleException(where + ": text_decoder takes an image input (model.config.interface " + bare(modelInterface) + ")"
+                    + RUNNER_ONLY);
+        }
+        Object artifacts = json.get("artifacts");
+        if (!(artifacts instanceof List)) {
+            return;
+        }
+        List<?> list = (List<?>) artifacts;
+        for (int i = 0; i < list.size(); i++) {
+            Object a = list.get(i);
+            Object methods = a instanceof Map ? ((Map<?, ?>) a).get("methods") : null;
+            Object decoder = methods instanceof Map ? ((Map<?, ?>) methods).get("text_decoder") : null;
+            String reason = decoder instanceof Map ? decoderMismatch((Map<?, ?>) decoder) : null;
+            if (reason != null) {
+                Object name = ((Map<?, ?>) a).get("name");
+                throw new BundleException(where + ": artifacts[" + i + "]" + (name instanceof String ? " (" + name + ")" : "") + ": " + reason
+                        + RUNNER_ONLY);
+            }
+        }
+    }
+
+    /** Why an artifact's {@code methods.text_decoder} is not {@code (embeddings, input_pos)}, or null. */
+    private static String decoderMismatch(Map<?, ?> decoder) {
+        Object kind = decoder.get("interface");
+        if (kind != null && !"token".equals(kind)) {
+            return "text_decoder takes an image input (interface " + bare(kind) + ")";
+        }
+        if (Boolean.FALSE.equals(decoder.get("multimodal_runner"))) {
+            return "text_decoder is marked multimodal_runner false";
+        }
+        Object inputs = decoder.get("inputs");
+        if (inputs instanceof List && ((List<?>) inputs).size() > 2) {
+            StringBuilder names = new StringBuilder();
+            for (Object input : (List<?>) inputs) {
+                Object name = input instanceof Map ? ((Map<?, ?>) input).get("name") : null;
+                names.append(names.length() == 0 ? "" : ", ").append(name instanceof String ? (String) name : "?");
+            }
+            return "text_decoder takes " + ((List<?>) inputs).size() + " inputs (" + names + "), not embeddings and input_pos";
+        }
+        return null;
+    }
+
+    /** A string as it is, anything else as JSON (for naming a field's value in a message). */
+    private static String bare(Object value) {
+        return value instanceof String ? (String) value : Json.write(value);
     }
 
     /** Reads and validates {@code root/manifest.json}. */

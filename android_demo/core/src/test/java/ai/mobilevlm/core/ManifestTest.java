@@ -34,7 +34,11 @@ public class ManifestTest {
             + " \"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824\"}, \"tokenizer.json\": {\"bytes\": 2, \"sha256\": \"44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a\"}}";
 
     private File bundle(String text) throws Exception {
-        File root = tmp.newFolder("b");
+        return bundle("b", text);
+    }
+
+    private File bundle(String folder, String text) throws Exception {
+        File root = tmp.newFolder(folder);
         write(new File(root, "model.pte"), "hello");
         write(new File(root, "tokenizer.json"), "{}");
         write(new File(root, "manifest.json"), text);
@@ -169,6 +173,68 @@ public class ManifestTest {
         } catch (BundleException e) {
             assertTrue(e.getMessage(), e.getMessage().contains("no executorch artifact in this bundle (it has: executorch-fp32 (onnx))"));
         }
+    }
+
+    /** The one-line message loading {@code root} fails with. */
+    private static String refusal(File root) {
+        try {
+            Manifest.load(root, Manifest.Verify.SIZE);
+        } catch (BundleException e) {
+            return e.getMessage();
+        }
+        throw new AssertionError("expected " + root + " to be refused");
+    }
+
+    /** GOOD with a {@code methods.text_decoder} section on its artifact. */
+    static String withDecoder(String decoder) {
+        return GOOD.replace("\"quantization\": {\"recipe\": \"fp32\"}}]",
+                "\"quantization\": {\"recipe\": \"fp32\"}, \"methods\": {\"text_decoder\": " + decoder + "}}]");
+    }
+
+    static final String TWO_INPUTS = "\"inputs\": [{\"name\": \"embeddings\"}, {\"name\": \"input_pos\"}";
+
+    @Test
+    public void aTiledBundleIsRefused() throws Exception {
+        String text = manifest(GOOD, 1).replace("\"channel_order\": \"RGB\",",
+                "\"channel_order\": \"RGB\", \"tiling\": {\"grids\": [[1, 2], [2, 1], [2, 2]], \"tile_size\": 32, \"tokens_per_view\": 5},");
+        File root = bundle(text);
+        assertEquals(new File(root, "manifest.json").getPath()
+                + ": this bundle tiles images (preprocessing.tiling); the demo app drives single-image programs only", refusal(root));
+    }
+
+    @Test
+    public void aFeatureLevelInterfaceIsRefused() throws Exception {
+        String decoder = "{" + TWO_INPUTS + ", {\"name\": \"image_features\"}], \"interface\": \"cross_attention\", \"multimodal_runner\": false}";
+        File root = bundle(manifest(withDecoder(decoder), 1).replace("\"config\": {}", "\"config\": {\"interface\": \"cross_attention\"}"));
+        assertEquals(new File(root, "manifest.json").getPath() + ": text_decoder takes an image input (model.config.interface cross_attention);"
+                + " the demo app drives MultimodalRunner-style programs only", refusal(root));
+    }
+
+    @Test
+    public void anArtifactWhoseDecoderTakesAnImageIsRefused() throws Exception {
+        String[][] cases = {
+            {"{" + TWO_INPUTS + ", {\"name\": \"image_mask\"}], \"interface\": \"visual_expert\", \"multimodal_runner\": false}",
+                "text_decoder takes an image input (interface visual_expert)"},
+            {"{" + TWO_INPUTS + "], \"multimodal_runner\": false}", "text_decoder is marked multimodal_runner false"},
+            {"{" + TWO_INPUTS + ", {\"name\": \"image_mask\"}]}",
+                "text_decoder takes 3 inputs (embeddings, input_pos, image_mask), not embeddings and input_pos"},
+        };
+        for (int i = 0; i < cases.length; i++) {
+            String[] c = cases[i];
+            File root = bundle("b" + i, manifest(withDecoder(c[0]), 1));
+            assertEquals(new File(root, "manifest.json").getPath() + ": artifacts[0] (executorch-fp32): " + c[1]
+                    + "; the demo app drives MultimodalRunner-style programs only", refusal(root));
+        }
+    }
+
+    @Test
+    public void aTokenInterfaceBundleStillLoads() throws Exception {
+        String decoder = "{" + TWO_INPUTS + "], \"interface\": \"token\", \"multimodal_runner\": true}";
+        Manifest m = Manifest.load(bundle(manifest(withDecoder(decoder), 1).replace("\"config\": {}", "\"config\": {\"interface\": \"token\"}")),
+                Manifest.Verify.SHA256);
+        assertEquals("executorch-fp32", m.firstArtifact("executorch").name);
+        assertEquals(2, ((List<?>) m.artifacts.get(0).method("text_decoder").get("inputs")).size());
+        assertEquals(32, m.image.size);
     }
 
     @Test
