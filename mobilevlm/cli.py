@@ -40,13 +40,27 @@ def add_model_arguments(parser: argparse.ArgumentParser, bundles: bool = False) 
     if bundles:
         parser.add_argument("--bundle", type=Path, help="run an exported artifact of this bundle instead of the PyTorch model")
         parser.add_argument("--artifact", help="artifact name in the bundle (default: its first)")
+        parser.add_argument("--fusion", type=Path, help="a `mobilevlm fusion train` folder (scene expert + text-only decoder) instead of --model")
 
 
 def answerer_from_args(args: argparse.Namespace):
-    """The PyTorch reference (--model) or an exported artifact in its runtime (--bundle)."""
+    """The PyTorch reference (--model), an exported artifact in its runtime (--bundle), or the
+    expert-fusion pipeline (--fusion: a trained folder, or --bundle of a fusion bundle)."""
+    if getattr(args, "fusion", None):
+        if args.model or args.bundle:
+            raise MobileVLMError("give one of --model, --bundle and --fusion")
+        from .fusion.pipeline import load_fusion
+
+        return load_fusion(args.fusion)
     if getattr(args, "bundle", None):
         if args.model:
             raise MobileVLMError("give --model or --bundle, not both")
+        from .export.fusion import is_fusion_bundle
+
+        if is_fusion_bundle(args.bundle):
+            from .export.fusion import FusionSession
+
+            return FusionSession(args.bundle, args.artifact)
         from .export.pipeline import open_session
 
         return open_session(args.bundle, args.artifact)[0]
@@ -96,9 +110,9 @@ class Generate:
         prompt = check_prompt(args.prompt)
         image = load_image(args.image)
         answerer = answerer_from_args(args)
-        if args.bundle:
+        if args.bundle or args.fusion:
             if args.temperature > 0:
-                raise MobileVLMError("--bundle runs greedy decoding only (--temperature 0)")
+                raise MobileVLMError("--bundle and --fusion run greedy decoding only (--temperature 0)")
             print(answerer.answer(image, prompt, args.max_new_tokens))
             return 0
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -230,7 +244,7 @@ class Evaluate:
         set_threads(args.threads)
         eval_seeds(args.seed, args.num)  # refuse a bad range before loading anything
         result = evaluate(answerer_from_args(args), args.seed, args.num)
-        result["model"] = str(args.bundle or args.model or default_model_dir()) + (f" ({args.artifact})" if args.bundle and args.artifact else "")
+        result["model"] = str(args.fusion or args.bundle or args.model or default_model_dir()) + (f" ({args.artifact})" if args.bundle and args.artifact else "")
         print("\n".join(summary_lines(result)))
         if args.json:
             write_json(args.json, result)
@@ -350,6 +364,39 @@ class Ablate:
         from .benchmarks.ablate import run
 
         return run(args)
+
+
+@command("fusion")
+class Fusion:
+    """Expert-model fusion: train a scene expert and a text-only decoder that reads its description, or export the pair to ExecuTorch."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("action", choices=("train", "export"))
+        parser.add_argument("--out", type=Path, required=True, help="train: the run folder; export: the bundle folder")
+        parser.add_argument("--run", type=Path, help="export: the folder `fusion train` wrote")
+        parser.add_argument("--model", type=Path, help="train: the checkpoint whose decoder is fine-tuned (default: the shipped reference model)")
+        parser.add_argument("--expert-steps", type=positive_int, default=300)
+        parser.add_argument("--decoder-steps", type=positive_int, default=450)
+        parser.add_argument("--quant", default="fp32", help="export: ExecuTorch recipe of the decoder program")
+        parser.add_argument("--parity-cases", type=positive_int, default=4)
+        parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+        parser.add_argument("--threads", type=positive_int, default=1)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        set_threads(args.threads)
+        if args.action == "train":
+            from .fusion.pipeline import train_fusion
+
+            train_fusion(args.out, args.expert_steps, args.decoder_steps, model_dir=args.model, overwrite=args.force)
+            return 0
+        if not args.run:
+            raise MobileVLMError("fusion export needs --run (the folder `mobilevlm fusion train` wrote)")
+        from .export.fusion import export_fusion
+
+        export_fusion(args.out, args.run, args.quant, args.parity_cases, force=args.force)
+        return 0
 
 
 @command("report")
