@@ -186,12 +186,13 @@ def counted_vision_macs(config: MobileVLMConfig) -> float:
     from mobilevlm.model import MobileVLM
 
     with torch.device("meta"):
-        model = MobileVLM(config)
+        model = MobileVLM(config).to("meta")  # .to: tables some modules build on the CPU on purpose (EVA's rotary)
+        model.requires_grad_(False)  # the counter's module tracker hooks tensors that need grad (learned queries)
         s = config.input_image_size
         views = 1 + config.max_tiles if config.resolution == "anyres" else 1
         pixels = torch.zeros(views, 3, s, s) if config.resolution == "anyres" else torch.zeros(1, 3, s, s)
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        with counter:
             model.encode_image(pixels)
     return counter.get_total_flops() / 2
 

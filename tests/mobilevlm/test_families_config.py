@@ -122,6 +122,18 @@ def test_ablation_variants_are_valid_models():
         tokens[name] = config.num_image_tokens
     assert tokens["clip-ldpv2"] == tokens["clip-qformer"] == tokens["clip-dual"] == 36
     assert tokens["clip-anyres"] == 5 * 37 and tokens["patch-linear"] == 6 * 7
+    assert tokens["clip-xattn"] == 0  # its image is beside the sequence, not in it
+
+
+def test_image_macs_are_counted_for_every_family():
+    from mobilevlm.benchmarks.ablate import VARIANTS, ablation_recipe
+    from mobilevlm.benchmarks.counting import vision_macs
+    from mobilevlm.train.loop import build_config
+
+    macs = {name: vision_macs(build_config(ablation_recipe(name), 1024)) for name in VARIANTS}
+    assert all(m > 0 for m in macs.values())
+    assert macs["clip-anyres"] == pytest.approx(5 * macs["clip-ldpv2"], rel=0.01)  # five views of the same encoder
+    assert macs["patch-linear"] < macs["convnext-ldpv2"] < macs["clip-ldpv2"] < macs["clip-dual"]
     with pytest.raises(ConfigError, match="unknown ablation variant"):
         ablation_recipe("clip-xl")
 
