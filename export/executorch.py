@@ -146,6 +146,23 @@ class VisualExpertDecoderMethod(TextDecoderMethod):
 DECODER_METHODS = {"token": TextDecoderMethod, "cross_attention": CrossAttentionDecoderMethod, "visual_expert": VisualExpertDecoderMethod}
 
 
+def quantized_copy(model: MobileVLM, recipe: QuantRecipe, vision: bool = True) -> MobileVLM:
+    """A copy of `model` ready to lower: fp32, eval mode, no cache, the recipe's quantization applied
+    (the decoder, the embedding, and with `vision` the image path). The caller's model is untouched."""
+    if recipe.decoder_bits == 4:
+        check_group_size(model.text, recipe.group_size)
+    model = copy.deepcopy(model).eval().float()
+    model.text.remove_cache()
+    if recipe.embedding_bits:
+        model.text = quantize_embedding(model.text, recipe.embedding_bits)
+    if recipe.decoder_bits:
+        quantize_linears(model.text, recipe.decoder_bits, recipe.group_size)
+    if vision and recipe.vision_bits:
+        quantize_linears(model.vision, recipe.vision_bits, None)
+        quantize_linears(model.projector, recipe.vision_bits, None)
+    return model
+
+
 def method_specs(model: MobileVLM, cache_len: int, recipe: QuantRecipe) -> dict:
     """What each method takes and returns, for the manifest (an app's whole contract)."""
     c = model.config
@@ -206,17 +223,7 @@ def export_executorch(model: MobileVLM, processor: Processor, recipe: QuantRecip
     cache_len = cache_len or config.text.max_seq_len
     if not config.num_image_tokens + 2 <= cache_len <= config.text.max_seq_len:
         raise ExportError(f"context length {cache_len} must hold the {config.num_image_tokens} image tokens plus text, and be at most the model's {config.text.max_seq_len}")
-    if recipe.decoder_bits == 4:
-        check_group_size(model.text, recipe.group_size)
-    model = copy.deepcopy(model).eval().float()
-    model.text.remove_cache()
-    if recipe.embedding_bits:
-        model.text = quantize_embedding(model.text, recipe.embedding_bits)
-    if recipe.decoder_bits:
-        quantize_linears(model.text, recipe.decoder_bits, recipe.group_size)
-    if recipe.vision_bits:
-        quantize_linears(model.vision, recipe.vision_bits, None)
-        quantize_linears(model.projector, recipe.vision_bits, None)
+    model = quantized_copy(model, recipe)
 
     vision, embedding = VisionEncoderMethod(model), TokenEmbeddingMethod(model)
     decoder = DECODER_METHODS[config.interface](model, cache_len)

@@ -39,9 +39,9 @@ from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
 
 from .bundle import MANIFEST, finalize_manifest, git_commit, preprocessing_spec, resolve_inside, sha256, versions, write_tokenizer
-from .executorch import TextDecoderMethod, TokenEmbeddingMethod, load_runtime_kernels, method_specs
+from .executorch import TextDecoderMethod, TokenEmbeddingMethod, load_runtime_kernels, method_specs, quantized_copy
 from .parity import captured_native_output, native_error, parity_cases
-from .quantize import QuantRecipe, check_group_size, parse_recipe, quantize_embedding, quantize_linears
+from .quantize import QuantRecipe, parse_recipe
 
 FORMAT = "mobilevlm-fusion-bundle"
 FORMAT_VERSION = 1
@@ -185,14 +185,7 @@ def export_decoder(model: MobileVLM, processor: Processor, recipe: QuantRecipe, 
     if not 2 <= cache_len <= model.config.text.max_seq_len:
         raise ExportError(f"context length {cache_len} must be in 2..{model.config.text.max_seq_len} (the decoder's context)")
     load_runtime_kernels()
-    if recipe.decoder_bits == 4:
-        check_group_size(model.text, recipe.group_size)
-    model = copy.deepcopy(model).eval().float()
-    model.text.remove_cache()
-    if recipe.embedding_bits:
-        model.text = quantize_embedding(model.text, recipe.embedding_bits)
-    if recipe.decoder_bits:
-        quantize_linears(model.text, recipe.decoder_bits, recipe.group_size)
+    model = quantized_copy(model, recipe, vision=False)  # the text-only decoder's image path is never lowered
     embedding, decoder = TokenEmbeddingMethod(model), TextDecoderMethod(model, cache_len)
     seq = Dim("seq", min=1, max=cache_len - 1)
     with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):

@@ -24,9 +24,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionEmbeddings(nn.Module):
-    def __init__(self, config: VisionConfig):
+    """Patch conv, a class token, learned positions (CLIP's patch conv has no bias; EVA's has one)."""
+
+    def __init__(self, config: VisionConfig, patch_bias: bool = False):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(3, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, config.hidden_size, config.patch_size, stride=config.patch_size, bias=patch_bias)
         self.class_embedding = nn.Parameter(torch.randn(config.hidden_size) * 0.02)
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import CheckpointError, ConfigError
+from .clip import VisionEmbeddings
 
 ROPE_THETA = 10000.0
 # EVA-02 trained its rotary positions on a 16 x 16 grid and rescales other grids onto it.
@@ -65,19 +66,6 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_pairs(x) * sin
-
-
-class EVAEmbeddings(nn.Module):
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.patch_embedding = nn.Conv2d(3, config.hidden_size, config.patch_size, stride=config.patch_size)
-        self.class_embedding = nn.Parameter(torch.randn(config.hidden_size) * 0.02)
-        self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [B, N, D]
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
 class EVAAttention(nn.Module):
@@ -131,7 +119,7 @@ class EVAVisionEncoder(nn.Module):
         if head_dim % 4:
             raise ConfigError(f"vision head size {head_dim} (hidden_size / num_heads) must be a multiple of 4 for EVA's 2-D rotary embedding")
         self.config = config
-        self.embeddings = EVAEmbeddings(config)
+        self.embeddings = VisionEmbeddings(config, patch_bias=True)
         self.layers = nn.ModuleList(EVALayer(config) for _ in range(config.num_layers))
         # Used only for the pooled (class-token) output in contrastive pretraining, never by the VLM.
         self.post_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
