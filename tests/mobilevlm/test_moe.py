@@ -226,6 +226,7 @@ def export(model_dir, out, recipe: str) -> dict:
     return load_bundle(out).artifact(f"executorch-{recipe}")
 
 
+@pytest.mark.slow  # an ExecuTorch export (~60 s); .ci/run runs the slow family suites
 def test_executorch_fp32_export_answers_like_the_model(moe_checkpoint, tmp_path):
     # The parity reference is the eager model loaded from the checkpoint (equal to the original above).
     parity = export(moe_checkpoint, tmp_path / "bundle", "fp32")["parity"]

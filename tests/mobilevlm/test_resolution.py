@@ -113,6 +113,7 @@ def test_trains_with_falling_loss():
     assert model.image_separator.grad is not None
 
 
+@pytest.mark.slow  # an ExecuTorch export (~60 s); .ci/run runs the slow family suites
 def test_executorch_parity_with_a_variable_number_of_views(tmp_path, tokenizer_path):
     from mobilevlm.data import make_scene, render_scene
     from mobilevlm.export import pipeline
