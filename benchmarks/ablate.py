@@ -149,10 +149,8 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     torch.set_num_threads(HOST_THREADS)  # also ExecuTorch's pool in this process
     folder = out / name
     recipe = ablation_recipe(name, budget)
-    started = time.time()
     run = folder / "run"
     model_dir = Trainer(run, recipe, resume=(run / "recipe.json").exists(), progress=False).run()
-    train_minutes = (time.time() - started) / 60
     model, processor = load_model(model_dir), load_processor(model_dir)
     config = model.config
     metrics = evaluate(ReferenceAnswerer(model, processor), None, eval_scenes, progress=False)
@@ -160,7 +158,7 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     record = {
         "variant": name, "choice": VARIANTS[name].choice, "description": VARIANTS[name].description, "budget": budget,
         "recipe": recipe.to_dict(), "model_config": config.to_dict(),
-        "parameters": total, "active_parameters": active, "image_tokens": config.num_image_tokens, "train_minutes": round(train_minutes, 1),
+        "parameters": total, "active_parameters": active, "image_tokens": config.num_image_tokens, "train_minutes": train_minutes(run),
         "eval": {"num_scenes": eval_scenes, "closed_ended": metrics["closed_ended"], "pope": metrics["pope"], "chair": metrics["chair"]},
     }
     et = pipeline.export_bundle(folder / "bundle-executorch", "executorch", ("8da4w",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
@@ -182,6 +180,12 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     record["machine"] = {"cpu": _cpu_model(), "torch_threads": HOST_THREADS}
     (folder / "result.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def train_minutes(run: Path) -> float:
+    """Minutes the stages took, summed from their stage.json (a resumed run counts each stage once)."""
+    seconds = sum(json.loads(p.read_text())["seconds"] for p in sorted((run / "stages").glob("*/stage.json")))
+    return round(seconds / 60, 1)
 
 
 def _cpu_model() -> str:
@@ -220,7 +224,8 @@ def table(records: list[dict]) -> str:
         f"Host timings: ExecuTorch 8da4w in its runtime, {HOST_THREADS} thread, median of 5 after a warm-up, on {records[0]['machine']['cpu']}, "
         + ("measured one variant at a time (`--retime`). " if all(r["host"].get("retimed") for r in records)
            else "measured while other jobs shared the machine (re-measure alone with `--retime`). ")
-        + f"Training minutes are wall time with {records[0].get('jobs', 2)} variants training at once on the 2-core host. "
+        + "Training minutes: the stages' wall time summed from their stage.json, with other variants and jobs sharing the 2-core host "
+        "(they rank the variants' cost only loosely). "
         f"Projected: roofline model of benchmarks/projection.py for {PROJECTION_DEVICE}, {PROJECTION_RUNTIME}, {PROJECTION_THREADS} threads "
         "(a projection, not a phone measurement). ONNX n/a: the ONNX exporter does not carry that family (see each result.json).",
     ]
@@ -271,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         for record in collect(args.out, names):
             record["host"] = host_timings(args.out / record["variant"] / "bundle-executorch", "executorch-8da4w")
             record["host"]["retimed"] = "sequentially, one variant at a time (mobilevlm ablate --retime)"
+            record["train_minutes"] = train_minutes(args.out / record["variant"] / "run")
             (args.out / record["variant"] / "result.json").write_text(json.dumps(record, indent=1))
             print(f"{record['variant']}: encode {record['host']['image_encode_ms']} ms, TTFT {record['host']['ttft_ms']} ms", flush=True)
     pending = [] if args.retime else [n for n in names if not (args.out / n / "result.json").is_file()]
