@@ -105,7 +105,7 @@ def ablation_recipe(variant: str, budget: str = "ablation"):
 # --- one variant ---------------------------------------------------------------------------------
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
+def _median_ms(fn, repeats: int = 15) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -212,8 +212,13 @@ def table(records: list[dict]) -> str:
         by_type = closed["by_type"]
         params = f"{r['parameters'] / 1e6:.2f}M" + (f" ({r['active_parameters'] / 1e6:.2f}M)" if r["active_parameters"] != r["parameters"] else "")
         onnx = f"{r['onnx']['size_bytes'] / 1e6:.1f}" if "size_bytes" in r["onnx"] else "n/a"
+        tokens = str(r["image_tokens"])
+        if r.get("model_config", {}).get("interface") == "cross_attention":
+            from mobilevlm.config import MobileVLMConfig
+
+            tokens += f" (+{MobileVLMConfig.from_dict(r['model_config']).num_image_features} beside)"
         rows.append(
-            f"| {r['variant']} | {r['choice']} | {params} | {r['image_tokens']} | {closed['accuracy']:.3f} | {by_type.get('reading', float('nan')):.3f} | "
+            f"| {r['variant']} | {r['choice']} | {params} | {tokens} | {closed['accuracy']:.3f} | {by_type.get('reading', float('nan')):.3f} | "
             f"{by_type.get('count', float('nan')):.3f} | {f1:.3f} | {r['eval']['chair']['chair_i']:.3f} | "
             f"{r['executorch']['size_bytes'] / 1e6:.1f} | {onnx} | {r['host']['image_encode_ms']:.1f} | {r['host']['ttft_ms']:.1f} | "
             f"{r['projected']['ttft_ms']:.1f} | {r['train_minutes']:.1f} |"
@@ -221,7 +226,7 @@ def table(records: list[dict]) -> str:
     notes = [
         "",
         f"Budget `{records[0]['budget']}` for every variant; evaluation on {records[0]['eval']['num_scenes']} held-out test scenes. "
-        f"Host timings: ExecuTorch 8da4w in its runtime, {HOST_THREADS} thread, median of 5 after a warm-up, on {records[0]['machine']['cpu']}, "
+        f"Host timings: ExecuTorch 8da4w in its runtime, {HOST_THREADS} thread, median of 15 after a warm-up, on {records[0]['machine']['cpu']}, "
         + ("measured one variant at a time (`--retime`). " if all(r["host"].get("retimed") for r in records)
            else "measured while other jobs shared the machine (re-measure alone with `--retime`). ")
         + "Training minutes: the stages' wall time summed from their stage.json, with other variants and jobs sharing the 2-core host "
