@@ -77,6 +77,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             {"interface": "visual_expert"}),
     Variant("clip-ldpv2-moe", "decoder", "sparse decoder (MoE-LLaVA): 4 SwiGLU experts, top-2, in every second layer",
             {"text": {"num_experts": 4, "experts_per_token": 2, "moe_every": 2}}),
+    Variant("fusion", "interface", "expert-model fusion: a scene-expert CNN (300x64 steps) describes the image; the baseline's decoder, "
+            "fine-tuned text-only on descriptions with the instruct budget, answers from the description"),
 )}
 
 
@@ -148,6 +150,8 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
 
     torch.set_num_threads(HOST_THREADS)  # also ExecuTorch's pool in this process
     folder = out / name
+    if name == "fusion":
+        return run_fusion_variant(out, budget, eval_scenes)
     recipe = ablation_recipe(name, budget)
     run = folder / "run"
     model_dir = Trainer(run, recipe, resume=(run / "recipe.json").exists(), progress=False).run()
@@ -182,6 +186,63 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     return record
 
 
+def run_fusion_variant(out: Path, budget: str, eval_scenes: int) -> dict:
+    """The expert-fusion pipeline at the same budget: the baseline's trained model (its decoder, from the
+    same vision / text / align / instruct stages) fine-tuned text-only on scene-expert descriptions for
+    the instruct stage's steps and batch, evaluated the same way, exported as its two-program bundle."""
+    from mobilevlm.evaluate import evaluate
+    from mobilevlm.export.fusion import export_fusion
+    from mobilevlm.fusion.pipeline import load_fusion, train_fusion
+    from mobilevlm.train import Trainer
+
+    folder, baseline = out / "fusion", out / "clip-ldpv2" / "run"
+    base_dir = Trainer(baseline, ablation_recipe("clip-ldpv2", budget), resume=(baseline / "recipe.json").exists(), progress=False).run()
+    run = folder / "run"
+    steps, batch = BUDGETS[budget]["instruct"]
+    if not (run / "fusion.json").is_file():
+        started = time.time()
+        train_fusion(run, 300 if budget == "ablation" else 2, steps, decoder_batch_size=batch, model_dir=base_dir, overwrite=True,
+                     eval_scenes=40 if budget == "ablation" else 2, log=lambda s: None)
+        (folder / "fusion_minutes.json").write_text(json.dumps({"minutes": round((time.time() - started) / 60, 1)}))
+    answerer = load_fusion(run)
+    metrics = evaluate(answerer, None, eval_scenes, progress=False)
+    expert_params = sum(p.numel() for p in answerer.expert.parameters())
+    decoder_params = sum(p.numel() for p in answerer.model.text.parameters())
+    bundle = export_fusion(folder / "bundle-executorch", run, "8da4w", 4, force=True, log=lambda s: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record = {
+        "variant": "fusion", "choice": VARIANTS["fusion"].choice, "description": VARIANTS["fusion"].description, "budget": budget,
+        "model_config": manifest["model"]["config"], "parameters": expert_params + decoder_params, "active_parameters": expert_params + decoder_params,
+        "train_minutes": round(train_minutes(baseline) + json.loads((folder / "fusion_minutes.json").read_text())["minutes"], 1),
+        "eval": {"num_scenes": eval_scenes, "closed_ended": metrics["closed_ended"], "pope": metrics["pope"], "chair": metrics["chair"]},
+        "executorch": {"recipe": "8da4w (decoder; expert fp32)", "size_bytes": sum(a["size_bytes"] for a in manifest["artifacts"]),
+                       "answers_identical": manifest["parity"]["answers_identical"], "num_cases": manifest["parity"]["num_cases"]},
+        "onnx": {"recipe": "int4", "unsupported": "fusion bundles are ExecuTorch programs only"},
+        "projected": {"device": PROJECTION_DEVICE, "ttft_ms": None, "note": "the roofline's image-encoder count does not model the scene expert"},
+        "machine": {"cpu": _cpu_model(), "torch_threads": HOST_THREADS},
+    }
+    record["host"] = fusion_host_timings(bundle)
+    record["image_tokens"] = record["host"].pop("description_tokens")
+    (folder / "result.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def fusion_host_timings(bundle_dir: Path) -> dict:
+    """The expert's run (the "image encode") and the time to the first answer token, in ExecuTorch."""
+    from PIL import Image
+
+    from mobilevlm.export.fusion import FusionSession
+
+    session = FusionSession(bundle_dir)
+    case = session.manifest["parity"]["cases"][0]
+    image = Image.open(bundle_dir / case["image"]).convert("RGB")
+    encode = _median_ms(lambda: session.expert_outputs(image))
+    ttft = _median_ms(lambda: session.generate(image, QUESTION, 1))
+    description = session.describe_image(image)
+    return {"image_encode_ms": round(encode, 2), "ttft_ms": round(ttft, 2), "threads": HOST_THREADS,
+            "prompt_tokens": len(session.prompt_ids(description, QUESTION)), "description_tokens": len(session.tokenizer.encode(description))}
+
+
 def train_minutes(run: Path) -> float:
     """Minutes the stages took, summed from their stage.json (a resumed run counts each stage once)."""
     seconds = sum(json.loads(p.read_text())["seconds"] for p in sorted((run / "stages").glob("*/stage.json")))
@@ -212,7 +273,7 @@ def table(records: list[dict]) -> str:
         by_type = closed["by_type"]
         params = f"{r['parameters'] / 1e6:.2f}M" + (f" ({r['active_parameters'] / 1e6:.2f}M)" if r["active_parameters"] != r["parameters"] else "")
         onnx = f"{r['onnx']['size_bytes'] / 1e6:.1f}" if "size_bytes" in r["onnx"] else "n/a"
-        tokens = str(r["image_tokens"])
+        tokens = str(r["image_tokens"]) + (" (description)" if r["variant"] == "fusion" else "")
         if r.get("model_config", {}).get("interface") == "cross_attention":
             from mobilevlm.config import MobileVLMConfig
 
@@ -221,7 +282,7 @@ def table(records: list[dict]) -> str:
             f"| {r['variant']} | {r['choice']} | {params} | {tokens} | {closed['accuracy']:.3f} | {by_type.get('reading', float('nan')):.3f} | "
             f"{by_type.get('count', float('nan')):.3f} | {f1:.3f} | {r['eval']['chair']['chair_i']:.3f} | "
             f"{r['executorch']['size_bytes'] / 1e6:.1f} | {onnx} | {r['host']['image_encode_ms']:.1f} | {r['host']['ttft_ms']:.1f} | "
-            f"{r['projected']['ttft_ms']:.1f} | {r['train_minutes']:.1f} |"
+            f"{_number(r['projected']['ttft_ms'])} | {r['train_minutes']:.1f} |"
         )
     notes = [
         "",
@@ -237,6 +298,10 @@ def table(records: list[dict]) -> str:
     for r in records:
         notes.append(f"- **{r['variant']}**: {r['description']}")
     return "\n".join(rows + notes) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def collect(out: Path, names: list[str]) -> list[dict]:
@@ -279,9 +344,14 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(HOST_THREADS)
         for record in collect(args.out, names):
-            record["host"] = host_timings(args.out / record["variant"] / "bundle-executorch", "executorch-8da4w")
+            if record["variant"] == "fusion":
+                record["host"] = fusion_host_timings(args.out / "fusion" / "bundle-executorch")
+                record["host"].pop("description_tokens")
+            else:
+                record["host"] = host_timings(args.out / record["variant"] / "bundle-executorch", "executorch-8da4w")
             record["host"]["retimed"] = "sequentially, one variant at a time (mobilevlm ablate --retime)"
-            record["train_minutes"] = train_minutes(args.out / record["variant"] / "run")
+            if record["variant"] != "fusion":
+                record["train_minutes"] = train_minutes(args.out / record["variant"] / "run")
             (args.out / record["variant"] / "result.json").write_text(json.dumps(record, indent=1))
             print(f"{record['variant']}: encode {record['host']['image_encode_ms']} ms, TTFT {record['host']['ttft_ms']} ms", flush=True)
     pending = [] if args.retime else [n for n in names if not (args.out / n / "result.json").is_file()]

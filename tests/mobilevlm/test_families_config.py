@@ -153,3 +153,5 @@ def test_ablation_table_is_built_from_records():
     text = table([record, moe])
     assert "| clip-ldpv2 | baseline | 4.00M | 36 | 0.500 | 0.250 | 0.750 | 0.700 | 0.400 | 5.0 | n/a | 3.0 | 9.0 | 2.0 | 5.0 |" in text
     assert "| clip-ldpv2-moe | baseline | 5.00M (3.00M) |" in text and "| 6.0 |" in text
+    fusion = dict(record, variant="fusion", image_tokens=30, projected={"ttft_ms": None})
+    assert "| fusion | baseline | 4.00M | 30 (description) |" in table([fusion]) and "| n/a | 5.0 |" in table([fusion])
