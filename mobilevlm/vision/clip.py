@@ -23,6 +23,15 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def flip_keep_index(tokens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """FLIP masking for tokens [B, 1 + N, D] (class token first): indices [B, 1 + keep] of the class
+    token and a random `1 - mask_ratio` share of the patches, drawn per image."""
+    b, n = tokens.shape[0], tokens.shape[1] - 1
+    keep = max(1, int(round(n * (1 - mask_ratio))))
+    order = torch.rand(b, n, generator=generator, device=tokens.device).argsort(dim=1)[:, :keep] + 1
+    return torch.cat([torch.zeros(b, 1, dtype=order.dtype, device=tokens.device), order], dim=1)
+
+
 class VisionEmbeddings(nn.Module):
     """Patch conv, a class token, learned positions (CLIP's patch conv has no bias; EVA's has one)."""
 
@@ -111,10 +120,7 @@ class CLIPVisionEncoder(nn.Module):
         """
         x = self.embeddings(pixel_values)
         if mask_ratio > 0:
-            b, n = x.shape[0], x.shape[1] - 1
-            keep = max(1, int(round(n * (1 - mask_ratio))))
-            order = torch.rand(b, n, generator=generator, device=x.device).argsort(dim=1)[:, :keep] + 1
-            index = torch.cat([torch.zeros(b, 1, dtype=order.dtype, device=x.device), order], dim=1)
+            index = flip_keep_index(x, mask_ratio, generator)
             x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.pre_layernorm(x)
         for layer in self.layers:

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import CheckpointError, ConfigError
-from .clip import VisionEmbeddings
+from .clip import VisionEmbeddings, flip_keep_index
 
 ROPE_THETA = 10000.0
 # EVA-02 trained its rotary positions on a 16 x 16 grid and rescales other grids onto it.
@@ -152,10 +152,7 @@ class EVAVisionEncoder(nn.Module):
         x = self.embeddings(pixel_values)
         cos, sin = self.rope_cos.to(x.dtype), self.rope_sin.to(x.dtype)
         if mask_ratio > 0:
-            b, n = x.shape[0], x.shape[1] - 1
-            keep = max(1, int(round(n * (1 - mask_ratio))))
-            order = torch.rand(b, n, generator=generator, device=x.device).argsort(dim=1)[:, :keep] + 1
-            index = torch.cat([torch.zeros(b, 1, dtype=order.dtype, device=x.device), order], dim=1)
+            index = flip_keep_index(x, mask_ratio, generator)
             x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             cos, sin = cos[index].unsqueeze(1), sin[index].unsqueeze(1)  # [B, 1, keep + 1, head_dim]
         for layer in self.layers:
