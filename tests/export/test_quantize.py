@@ -51,3 +51,14 @@ def test_8da4w_changes_outputs_a_little():
     after = model.text(embeds)
     error = (after - before).abs().max() / before.abs().max()
     assert 0 < error < 0.2
+
+
+def test_moe_routers_stay_float_while_experts_are_quantized():
+    torch.manual_seed(0)
+    model = MobileVLM(micro_config(num_experts=4, experts_per_token=2, moe_every=2, hidden_size=96, num_heads=4)).eval()
+    check_group_size(model.text, 32)  # the router (96 -> 4 experts) is not a grouped layer
+    quantize_linears(model.text, 4, 32)
+    moe = model.text.layers[1].mlp
+    assert type(moe.gate.weight) is torch.nn.Parameter and moe.gate.weight.dtype == torch.float32
+    assert type(moe.experts[0].up_proj.weight) is not torch.nn.Parameter  # a torchao quantized tensor
+    assert type(model.text.layers[0].mlp.up_proj.weight) is not torch.nn.Parameter
