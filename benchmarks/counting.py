@@ -160,7 +160,7 @@ def vision_macs(config: MobileVLMConfig) -> float:
     device under torch's FLOP counter for every other family."""
     from mobilevlm.export.pipeline import model_features
 
-    if model_features(config) and any(not f.startswith("decoder:") for f in model_features(config)):
+    if any(not f.startswith("decoder:") for f in model_features(config)):
         return counted_vision_macs(config)
     v, d = config.vision, config.text.hidden_size
     tokens = v.num_patches + 1

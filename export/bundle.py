@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mobilevlm.errors import BundleError
+from mobilevlm.fileio import read_json
 from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
 
@@ -193,10 +194,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{root}: no such bundle folder")
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing (not a bundle written by mobilevlm export)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    manifest = read_json(manifest_path, BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: field 'format' must be {FORMAT!r}")
     version = manifest.get("format_version")
@@ -209,12 +207,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(f"{manifest_path}: missing field {field!r}")
     if not isinstance(manifest["files"], dict) or not isinstance(manifest["artifacts"], list):
         raise BundleError(f"{manifest_path}: fields 'files' (object) and 'artifacts' (list) have the wrong type")
-    for relative, info in manifest["files"].items():
-        file = resolve_inside(root, relative)
-        if not file.exists():
-            raise BundleError(f"{manifest_path}: listed file {relative!r} is missing from the bundle")
-        if verify and (not isinstance(info, dict) or sha256(file) != info.get("sha256")):
-            raise BundleError(f"{root / relative}: SHA-256 does not match the manifest (file changed or corrupt)")
+    check_files(root, manifest["files"], verify)
     for index, artifact in enumerate(manifest["artifacts"]):
         if not isinstance(artifact, dict) or "file" not in artifact or "backend" not in artifact:
             raise BundleError(f"{manifest_path}: artifacts[{index}] needs 'backend' and 'file'")
@@ -224,6 +217,16 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     for field, relative in _other_references(manifest_path, manifest):
         _checked_reference(root, manifest["files"], field, relative)
     return Bundle(root, manifest)
+
+
+def check_files(root: Path, files: dict, verify: bool = True) -> None:
+    """Every file a manifest lists exists inside the bundle and (with `verify`) matches its SHA-256."""
+    for relative, info in files.items():
+        file = resolve_inside(root, relative)
+        if not file.is_file():
+            raise BundleError(f"{root / MANIFEST}: listed file {relative!r} is missing from the bundle")
+        if verify and (not isinstance(info, dict) or sha256(file) != info.get("sha256")):
+            raise BundleError(f"{root / relative}: SHA-256 does not match the manifest (file changed or corrupt)")
 
 
 def _checked_reference(root: Path, files: dict, field: str, relative: Any) -> Path:

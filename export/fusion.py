@@ -32,13 +32,13 @@ from torch import nn
 from mobilevlm.checkpoint import load_model, load_processor
 from mobilevlm.data.scene import CELL_PHRASES, GRID, ROW_NAMES
 from mobilevlm.errors import BundleError, ExportError, PromptError
-from mobilevlm.fileio import OutputError, atomic_folder
+from mobilevlm.fileio import OutputError, atomic_folder, read_json
 from mobilevlm.fusion.expert import COLOR_CLASSES, HEADS, SHAPE_CLASSES, SIZE_CLASSES, SceneExpert, load_expert
 from mobilevlm.fusion.pipeline import DESCRIPTION_SLOT, FusionAnswerer
 from mobilevlm.model import MobileVLM
 from mobilevlm.processing import Processor
 
-from .bundle import MANIFEST, finalize_manifest, git_commit, preprocessing_spec, resolve_inside, sha256, versions, write_tokenizer
+from .bundle import MANIFEST, check_files, finalize_manifest, git_commit, preprocessing_spec, versions, write_tokenizer
 from .executorch import TextDecoderMethod, TokenEmbeddingMethod, load_runtime_kernels, method_specs, quantized_copy
 from .parity import captured_native_output, native_error, parity_cases
 from .quantize import QuantRecipe, parse_recipe
@@ -221,19 +221,13 @@ def load_fusion_bundle(root: str | Path, verify: bool = True) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: missing (not a bundle written by export_fusion)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    manifest = read_json(path, BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("format_version"), int) or manifest["format_version"] > FORMAT_VERSION:
         raise BundleError(f"{path}: fields 'format' / 'format_version' must be {FORMAT!r} / at most {FORMAT_VERSION}")
     missing = [f for f in ("preprocessing", "heads", "describe", "prompt", "tokenizer", "artifacts", "files") if f not in manifest]
     if missing:
         raise BundleError(f"{path}: missing field(s) {', '.join(missing)}")
-    for relative, info in manifest["files"].items():
-        file = resolve_inside(root, relative)
-        if not file.is_file() or (verify and sha256(file) != info.get("sha256")):
-            raise BundleError(f"{file}: missing, or its SHA-256 does not match the manifest (file changed or corrupt)")
+    check_files(root, manifest["files"], verify)
     unlisted = [a.get("name") for a in manifest["artifacts"] if a.get("file") not in manifest["files"]]
     if unlisted:
         raise BundleError(f"{path}: artifact(s) {unlisted} name files not listed under 'files'")

@@ -24,7 +24,7 @@ import torch
 
 from .config import MobileVLMConfig, ProjectorConfig, TextConfig, VisionConfig
 from .errors import CheckpointError, ConfigError, TokenizerError
-from .fileio import OutputError, atomic_folder
+from .fileio import OutputError, atomic_folder, read_json
 from .model import MobileVLM
 
 FORMAT = "mobilevlm"
@@ -68,10 +68,7 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a checkpoint folder needs config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

@@ -87,6 +87,14 @@ def disk_bytes(path: str | Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def read_json(path: str | Path, error: type[Exception]) -> Any:
+    """The JSON document at `path`; text that is not UTF-8 JSON raises `error` naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)

@@ -37,7 +37,7 @@ from ..data.scene import CELL_PHRASES, GRID, ROW_NAMES
 from ..data.text import article
 from ..data.splits import SPLITS
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, read_json
 from ..processing import ImageProcessor
 
 EMPTY = "empty"
@@ -251,10 +251,7 @@ def load_expert(folder: str | Path) -> SceneExpert:
     path = folder / CONFIG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder}: not a scene expert folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, ConfigError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path}: field 'format' must be {FORMAT!r}")
     expert = SceneExpert(ExpertConfig.from_dict(data.get("expert"), f"{path}: expert"))
