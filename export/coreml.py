@@ -37,7 +37,7 @@ from torch import nn
 
 from mobilevlm.errors import ExportError
 from mobilevlm.fileio import disk_bytes
-from mobilevlm.model import MobileVLM
+from mobilevlm.model import MobileVLM, encode_views
 from mobilevlm.processing import Processor
 from mobilevlm.text import apply_rope
 
@@ -62,53 +62,72 @@ class CoreMLAttention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16), persistent=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, mask: torch.Tensor, expert: tuple | None = None) -> torch.Tensor:
+        """`expert`: as in `mobilevlm.text.Attention` (the visual expert's projections at image positions)."""
         b, t, _ = x.shape
         end = mask.shape[-1]
-        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if expert is None else expert[0].qkv(self, x, expert[1])
+        q = apply_rope(q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         self.k_cache[:, :, start:end] = k.to(self.k_cache.dtype)
         self.v_cache[:, :, start:end] = v.to(self.v_cache.dtype)
         keys, values = self.k_cache[:, :, :end].to(q.dtype), self.v_cache[:, :, :end].to(q.dtype)
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # head h reads kv head h // group
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(y) if expert is None else expert[0].out(self, y, expert[1])
+
+
+# The decoder's third input per feature-level interface (none for the token interface).
+DECODER_IMAGE_INPUT = {"cross_attention": "image_features", "visual_expert": "image_mask"}
 
 
 class DecoderProgram(nn.Module):
-    """(inputs_embeds [1, T, D], causal_mask [1, 1, T, P + T]) -> logits [1, V] of the last position."""
+    """(inputs_embeds [1, T, D], causal_mask [1, 1, T, P + T][, image input]) -> logits [1, V] of the
+    last position. The image input: `image_features` [1, N, D] for cross-attention (every call),
+    `image_mask` [1, T] (1.0 at image positions) for the visual expert."""
 
     def __init__(self, model: MobileVLM, cache_len: int):
         super().__init__()
         self.text = model.text
+        self.interface = model.config.interface
         for layer in self.text.layers:
             layer.self_attn = CoreMLAttention(layer.self_attn, cache_len)
 
-    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor, image_input: torch.Tensor | None = None) -> torch.Tensor:
         t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
         start = end - t
         cos, sin = self.text.rope_cos[start:end], self.text.rope_sin[start:end]
+        extra = {}
+        if self.interface == "cross_attention":
+            extra = {"image_features": image_input}
+        elif self.interface == "visual_expert":
+            extra = {"image_mask": (image_input > 0.5).unsqueeze(-1)}
         x = inputs_embeds
         for layer in self.text.layers:
-            x = layer(x, cos, sin, start, causal_mask)
+            x = layer(x, cos, sin, start, causal_mask, **extra)
         return self.text.lm_head(self.text.norm(x[:, -1, :]))
 
 
 class VisionProgram(nn.Module):
-    """Pixels in [0, 1] (Core ML applies the 1/255 scale) -> image tokens; CLIP normalisation inside."""
+    """Pixels in [0, 1] (Core ML applies the 1/255 scale) -> image tokens; CLIP normalisation inside.
+
+    A tiled model ("anyres") runs this program once per view (an ImageType input is one image) and
+    each call returns that view's tokens followed by the separator, so the app's concatenation of the
+    calls, global view first, is exactly `encode_image` of the views (views are encoded independently)."""
 
     def __init__(self, model: MobileVLM):
         super().__init__()
         self.vision, self.projector = model.vision, model.projector
+        self.separator = getattr(model, "image_separator", None)
         v = model.config.vision
         self.register_buffer("mean", torch.tensor(v.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(v.image_std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.vision((image - self.mean) / self.std))
+        return encode_views(self.vision, self.projector, self.separator, (image - self.mean) / self.std)
 
 
 class EmbeddingProgram(nn.Module):
@@ -176,13 +195,24 @@ def convert_decoder(model: MobileVLM, cache_len: int, target: str = "iOS18"):
     top = cache_len - 1  # a maximum equal to the cache length fails torch.export's guards
     seq, width = Dim("seq", min=1, max=top), Dim("width", min=1, max=top)
     example = (torch.zeros(1, 3, c.hidden_size), torch.zeros(1, 1, 3, 5))
+    shapes: tuple = ({1: seq}, {2: seq, 3: width})
     inputs = [
         ct.TensorType("inputs_embeds", shape=(1, ct.RangeDim(1, top, default=1), c.hidden_size), dtype=np.float16),
         ct.TensorType("causal_mask", shape=(1, 1, ct.RangeDim(1, top, default=1), ct.RangeDim(1, top, default=1)), dtype=np.float16),
     ]
+    interface = model.config.interface
+    if interface == "cross_attention":  # a fixed number of image features
+        n = model.config.num_image_features
+        example += (torch.zeros(1, n, c.hidden_size),)
+        shapes += (None,)
+        inputs.append(ct.TensorType("image_features", shape=(1, n, c.hidden_size), dtype=np.float16))
+    elif interface == "visual_expert":  # one value per position of inputs_embeds
+        example += (torch.zeros(1, 3),)
+        shapes += ({1: seq},)
+        inputs.append(ct.TensorType("image_mask", shape=(1, ct.RangeDim(1, top, default=1)), dtype=np.float16))
     states = [ct.StateType(ct.TensorType(shape=tuple(buffer.shape), dtype=np.float16), name=name)
               for name, buffer in decoder.named_buffers() if name.endswith(("k_cache", "v_cache"))]
-    return convert(decoder, example, ({1: seq}, {2: seq, 3: width}), inputs, [ct.TensorType("logits", dtype=np.float16)], target, states)
+    return convert(decoder, example, shapes, inputs, [ct.TensorType("logits", dtype=np.float16)], target, states)
 
 
 def convert_vision(model: MobileVLM, target: str = "iOS18"):
@@ -215,12 +245,19 @@ def model_specs(model: MobileVLM, cache_len: int, target: str, states: list[dict
     """What each program takes and returns, and how an app drives them (the manifest's `methods`)."""
     c = model.config
     s, d, top = c.input_image_size, c.text.hidden_size, cache_len - 1
-    return {
+    specs = {
         "vision": {
             "file": "vision.mlpackage",
             "inputs": [{"name": "image", "type": "ImageType", "color_layout": "RGB", "shape": [1, 3, s, s], "scale": 1 / 255, "bias": [0, 0, 0],
                         "normalized_inside": True, "meaning": "the preprocessed image (padded / resized to S x S); Core ML scales it to [0, 1], (x - mean) / std happens inside"}],
-            "outputs": [{"name": "image_embeddings", "dtype": "float16", "shape": [1, c.num_image_tokens, d]}],
+            "outputs": [{"name": "image_embeddings", "dtype": "float16", "shape": [1, c.num_image_features, d]}],
+        } if c.resolution != "anyres" else {
+            "file": "vision.mlpackage",
+            "inputs": [{"name": "image", "type": "ImageType", "color_layout": "RGB", "shape": [1, 3, s, s], "scale": 1 / 255, "bias": [0, 0, 0],
+                        "normalized_inside": True, "meaning": "ONE view of the tiled image (preprocessing.tiling): run the program once per view, "
+                        "the global view first, then the tiles row-major"}],
+            "outputs": [{"name": "image_embeddings", "dtype": "float16", "shape": [1, c.tokens_per_view + 1, d],
+                         "meaning": "this view's tokens followed by the separator token; concatenate the views' outputs in order along axis 1"}],
         },
         "embedding": {
             "file": "embedding.mlpackage",
@@ -245,6 +282,25 @@ def model_specs(model: MobileVLM, cache_len: int, target: str, states: list[dict
             "embedding with P = tokens so far (T = 1). Stop at an EOS id, a stop string, or when P + T reaches max_positions."
         ),
     }
+    decoder = specs["decoder"]
+    if c.interface == "cross_attention":
+        decoder["inputs"].append({"name": "image_features", "dtype": "float16", "shape": [1, c.num_image_features, d],
+                                  "meaning": "vision's image_embeddings for the conversation's image, the same on every call; all zeros when there is no image"})
+        decoder["interface"] = "cross_attention"
+        specs["how_to_run"] = (
+            "make one MLState per conversation (decoder.makeState()); the image takes no positions: embed the ids of before_image followed by "
+            "those of after_image with embedding and run decoder once with P = 0 and vision's image_embeddings as image_features; then feed "
+            "each generated token's embedding with P = tokens so far (T = 1) and the same image_features. Stop at an EOS id, a stop string, "
+            "or when P + T reaches max_positions.")
+    elif c.interface == "visual_expert":
+        decoder["inputs"].append({"name": "image_mask", "dtype": "float16", "shape": [1, "T"], "dynamic": {"T": [1, top]},
+                                  "meaning": "one value per position of inputs_embeds: 1.0 where they are vision's image_embeddings, 0.0 at text positions"})
+        decoder["interface"] = "visual_expert"
+        specs["how_to_run"] += " Pass image_mask with every call: 1.0 at the image_embeddings' positions of the joined prompt, 0.0 elsewhere and for generated tokens."
+    if c.resolution == "anyres":
+        specs["how_to_run"] += (" The image is tiled (preprocessing.tiling): its image_embeddings are the vision program's outputs for every view, "
+                                "global view first, concatenated along axis 1.")
+    return specs
 
 
 def export_coreml(model: MobileVLM, processor: Processor, recipe: CoreMLRecipe, path: Path, cache_len: int | None = None, target: str = "iOS18") -> ExportReport:
@@ -307,4 +363,4 @@ def backend():
 
     return Backend("coreml", "-coreml", parse_recipe, export_coreml, CoreMLSession,
                    f"Core ML ML programs for iOS 18+ (states, fp16); parity {VERIFICATION_NOTE} (numpy MIL interpreter)",
-                   exact_recipes=("fp16",), unsupported=("resolution:anyres", "interface"))
+                   exact_recipes=("fp16",))

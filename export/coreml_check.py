@@ -186,18 +186,21 @@ class CoreMLSession:
 
         self.folder = Path(root) / artifact["file"]
         self.prompt = manifest["prompt"]
-        pre = manifest["preprocessing"]
-        self.image_processor = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"])
+        self.image_processor = ImageProcessor.from_spec(manifest["preprocessing"])  # tiles when the manifest says so
         self.tokenizer = Tokenizer(Path(root) / manifest["tokenizer"]["file"])
         models = artifact["methods"]
         self.vision = MILProgram(self.folder / models["vision"]["file"], precision)
         self.embedding = MILProgram(self.folder / models["embedding"]["file"], precision)
         self.decoder = MILProgram(self.folder / models["decoder"]["file"], precision)
+        # the decoder's interface input, if any: "image_features" (cross-attention) or "image_mask" (visual expert)
+        self.image_input = next((i["name"] for i in models["decoder"]["inputs"] if i["name"] in ("image_features", "image_mask")), None)
+        self.features: np.ndarray | None = None
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """[1, N, D]: the vision program once per view (one view unless the manifest tiles), joined."""
         # Core ML hands an RGB ImageType input to the program as float pixels 0..255 ([1, 3, S, S]).
-        pixels = self.image_processor.prepare_image(image).numpy().astype(np.float32)[None]
-        return self.vision.predict({"image": pixels})["image_embeddings"]
+        views = self.image_processor.prepare_views(image).numpy().astype(np.float32)
+        return np.concatenate([self.vision.predict({"image": view[None]})["image_embeddings"] for view in views], axis=1)
 
     def embed(self, ids: list[int]) -> np.ndarray:
         return self.embedding.predict({"input_ids": np.array([ids], dtype=np.int32)})["embeddings"]
@@ -207,16 +210,28 @@ class CoreMLSession:
 
         return ids_after_image(self.prompt, self.tokenizer, prompt, self.folder.name)
 
-    def decode(self, embeds: np.ndarray, start: int) -> np.ndarray:
-        """Logits [V] after `embeds` [1, T, D] written at positions start..start+T-1."""
-        mask = causal_mask(start, embeds.shape[1])
-        return self.decoder.predict({"inputs_embeds": embeds, "causal_mask": mask})["logits"][0]
+    def decode(self, embeds: np.ndarray, start: int, image_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits [V] after `embeds` [1, T, D] written at positions start..start+T-1 (the visual
+        expert's `image_mask` [1, T] defaults to text positions)."""
+        inputs = {"inputs_embeds": embeds, "causal_mask": causal_mask(start, embeds.shape[1])}
+        if self.image_input == "image_features":
+            inputs["image_features"] = self.features
+        elif self.image_input == "image_mask":
+            inputs["image_mask"] = image_mask if image_mask is not None else np.zeros(embeds.shape[:2], np.float16)
+        return self.decoder.predict(inputs)["logits"][0]
 
     def prefill(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, int]:
         after = self.check_length(prompt)
         self.decoder.reset_state()
-        embeds = np.concatenate([self.embed(self.prompt["before_image_ids"]), self.image_embeddings(image), self.embed(after)], axis=1)
-        return self.decode(embeds, 0), embeds.shape[1]
+        before, features = self.embed(self.prompt["before_image_ids"]), self.image_embeddings(image)
+        if self.image_input == "image_features":  # beside the sequence, for every call
+            self.features = features
+            embeds = np.concatenate([before, self.embed(after)], axis=1)
+            return self.decode(embeds, 0), embeds.shape[1]
+        embeds = np.concatenate([before, features, self.embed(after)], axis=1)
+        mask = np.zeros(embeds.shape[:2], np.float16)
+        mask[:, before.shape[1]:before.shape[1] + features.shape[1]] = 1.0
+        return self.decode(embeds, 0, mask), embeds.shape[1]
 
     def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
         """Greedy answer, stopping at EOS, a stop string, the token budget or the end of the cache."""

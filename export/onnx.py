@@ -118,7 +118,7 @@ def parse_recipe(name: str) -> OnnxRecipe:
 def export_onnx(model: MobileVLM, processor: Processor, recipe: OnnxRecipe, path: Path, context_length: int | None = None) -> ExportReport:
     """Export, quantize and (when onnxruntime-genai is installed) cross-check the artifact folder `path`."""
     from .bundle import write_tokenizer
-    from .onnx_graphs import export_graphs
+    from .onnx_graphs import DECODER_IMAGE_INPUT, export_graphs
     from .onnx_quantize import embedding_to_nbits, graph_bytes, to_fp16, to_int4, to_int8_dynamic, to_ort_format
 
     started = time.time()
@@ -161,6 +161,7 @@ def export_onnx(model: MobileVLM, processor: Processor, recipe: OnnxRecipe, path
         "opset": recipe.opset,
         "execution_provider": "CPUExecutionProvider",
         "image_placeholder": "any negative input_id; the k-th one takes row k of image_features flattened to [I * N, D]",
+        "decoder_image_input": DECODER_IMAGE_INPUT.get(config.interface),
         "passes": passes,
         "versions": _versions(),
     }
@@ -177,10 +178,12 @@ def genai_config(model: MobileVLM, processor: Processor, context: int, files: di
     `past_present_share_buffer` is true only for `-gqa` decoders: GroupQueryAttention writes new
     positions into a cache preallocated to the context; the concat-style graph returns past ++ new
     and fails in a shared buffer."""
-    from .onnx_graphs import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, cache_names
+    from .onnx_graphs import DECODER_IMAGE_INPUT, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, cache_names
 
     t = model.config.text
     tok = processor.tokenizer
+    image_input = [DECODER_IMAGE_INPUT[model.config.interface]] if model.config.interface in DECODER_IMAGE_INPUT else []
+    embedding_outputs = ["inputs_embeds", "image_mask"] if model.config.interface == "visual_expert" else ["inputs_embeds"]
     return {
         "model": {
             "type": "decoder-pipeline",
@@ -199,8 +202,8 @@ def genai_config(model: MobileVLM, processor: Processor, context: int, files: di
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE},
                 "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
                 "pipeline": [{
-                    "embedding": {"filename": files["embedding"], "inputs": ["input_ids", "image_features"], "outputs": ["inputs_embeds"]},
-                    "decoder": {"filename": files["decoder"], "inputs": ["inputs_embeds", "attention_mask", *cache_names(t.num_layers, True)],
+                    "embedding": {"filename": files["embedding"], "inputs": ["input_ids", "image_features"], "outputs": embedding_outputs},
+                    "decoder": {"filename": files["decoder"], "inputs": ["inputs_embeds", "attention_mask", *cache_names(t.num_layers, True), *image_input],
                                 "outputs": ["logits", *cache_names(t.num_layers, False)]},
                 }],
             },
@@ -214,17 +217,21 @@ def genai_config(model: MobileVLM, processor: Processor, context: int, files: di
 def graph_specs(model: MobileVLM, context: int, recipe: OnnxRecipe) -> dict:
     """Each graph's inputs and outputs, for the manifest (an app's whole contract)."""
     c = model.config
-    s, d, n, v = c.input_image_size, c.text.hidden_size, c.num_image_tokens, c.text.vocab_size
+    s, d, v = c.input_image_size, c.text.hidden_size, c.text.vocab_size
     kv = [c.text.num_kv_heads, c.text.head_dim]
-    return {
-        "vision": {
-            "inputs": [{"name": "image", "dtype": "uint8", "shape": ["batch_size", 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
-                        "resized_inside": False, "normalized_inside": True}],
-            "outputs": [{"name": "image_features", "dtype": "float32", "shape": ["batch_size", n, d]}],
-        },
+    image = {"name": "image", "dtype": "uint8", "shape": ["batch_size", 3, s, s], "layout": "NCHW", "channels": "RGB", "range": [0, 255],
+             "resized_inside": False, "normalized_inside": True}
+    features = {"name": "image_features", "dtype": "float32", "shape": ["batch_size", c.num_image_features, d]}
+    if c.resolution == "anyres":
+        image.update(shape=["K", 3, s, s], dynamic={"K": [2, 1 + c.max_tiles]},
+                     meaning="the views of ONE image: the global view, then the tiles of the chosen layout row-major (preprocessing.tiling)")
+        features.update(shape=[1, f"K * {c.tokens_per_view + 1}", d],
+                        meaning="each view's tokens followed by a separator token; the prompt gets one negative id per row")
+    specs = {
+        "vision": {"inputs": [image], "outputs": [features]},
         "embedding": {
             "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"], "meaning": "token ids; a negative id is an image position"},
-                       {"name": "image_features", "dtype": "float32", "shape": ["num_images", n, d], "meaning": "vision output, num_images 0 for text-only calls"}],
+                       {"name": "image_features", "dtype": "float32", "shape": ["num_images", c.num_image_features, d], "meaning": "vision output, num_images 0 for text-only calls"}],
             "outputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch_size", "sequence_length", d]}],
         },
         "decoder": {
@@ -236,6 +243,22 @@ def graph_specs(model: MobileVLM, context: int, recipe: OnnxRecipe) -> dict:
             "kv_cache": {"positions": context, "layout": "[batch, kv_heads, positions, head_dim] per layer, passed in and out (concatenated)"},
         },
     }
+    decoder = specs["decoder"]
+    if c.interface == "cross_attention":
+        decoder["inputs"].append({"name": "image_features", "dtype": "float32", "shape": ["batch_size", c.num_image_features, d],
+                                  "meaning": "the vision graph's output for the conversation's image, the same tensor on every call; all zeros when there is no image"})
+        decoder.update(interface="cross_attention", how_to_run=(
+            "the image takes no positions: the prompt is the ids of before_image followed by those of after_image (no negative ids; the embedding "
+            "graph gets image_features with num_images 0), and every decoder call, prefill and each generated token, gets the vision output as image_features"))
+    elif c.interface == "visual_expert":
+        specs["embedding"]["outputs"].append({"name": "image_mask", "dtype": "float32", "shape": ["batch_size", "sequence_length"],
+                                              "meaning": "1.0 where input_ids was negative (an image position), 0.0 elsewhere"})
+        decoder["inputs"].append({"name": "image_mask", "dtype": "float32", "shape": ["batch_size", "sequence_length"],
+                                  "meaning": "the embedding graph's image_mask for these positions: 1.0 routes a position through the visual expert's weights"})
+        decoder.update(interface="visual_expert", how_to_run=(
+            "as the token interface, and pass the embedding graph's second output image_mask to the decoder with inputs_embeds "
+            "(ONNX Runtime GenAI's pipeline does this by name)"))
+    return specs
 
 
 def _check_loads(folder: Path, files: dict[str, str]) -> None:
@@ -282,4 +305,4 @@ def backend():
     from .onnx_session import OnnxSession
     from .pipeline import Backend
 
-    return Backend("onnx", "", parse_recipe, export_onnx, OnnxSession, "onnxruntime (CPUExecutionProvider): vision -> embedding -> decoder with KV cache", unsupported=("resolution:anyres", "interface"))
+    return Backend("onnx", "", parse_recipe, export_onnx, OnnxSession, "onnxruntime (CPUExecutionProvider): vision -> embedding -> decoder with KV cache", unsupported=())

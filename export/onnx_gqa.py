@@ -60,11 +60,12 @@ class FusedGQAAttention(nn.Module):
         self.past = self.present = None
         self.lengths: tuple[Tensor, Tensor] | None = None  # (seqlens_k, total length), set per call by the decoder
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: None, mask: None) -> Tensor:
-        y, k, v = torch.ops.mobilevlm_onnx.group_query_attention(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), self.past[0], self.past[1], *self.lengths, cos, sin, self.num_heads, self.num_kv_heads)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: None, mask: None, expert: tuple | None = None) -> Tensor:
+        """`expert`: as in `mobilevlm.text.Attention` (the visual expert's projections at image positions)."""
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if expert is None else expert[0].qkv(self, x, expert[1])
+        y, k, v = torch.ops.mobilevlm_onnx.group_query_attention(q, k, v, self.past[0], self.past[1], *self.lengths, cos, sin, self.num_heads, self.num_kv_heads)
         self.present = (k, v)
-        return self.o_proj(y)
+        return self.o_proj(y) if expert is None else expert[0].out(self, y, expert[1])
 
 
 def _register_schema() -> None:

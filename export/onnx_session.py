@@ -10,7 +10,10 @@ Two runtimes, same prompt handling:
   prompt's image positions are negative ids, which the embedding graph replaces with those rows.
 
 A prompt is: the template's ids before the image (BOS first), one negative id per image token, the
-ids of the text after the image with the question filled in. Generation is greedy, at most
+ids of the text after the image with the question filled in. A decoder with an image input (the
+artifact's `decoder_image_input`) also gets, on every call, the vision output (`image_features`,
+cross-attention; the prompt then has no image positions) or the embedding graph's `image_mask`
+(visual expert; 0.0 for generated tokens). Generation is greedy, at most
 `max_new_tokens` tokens and never past the exported context, stops at an EOS id (not included) and
 cuts the text at the first stop string, as `mobilevlm.generate` does.
 """
@@ -72,8 +75,7 @@ class PromptedSession:
                 f"{self.root / 'manifest.json'}: artifact {artifact.get('name')!r} was exported with a context length of "
                 f"{self.meta.get('context_length')} but the bundle's prompt.context_length is {self.context}; export it again with --context-length {self.context}"
             )
-        pre = manifest["preprocessing"]
-        self.image_processor = ImageProcessor(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["aspect_mode"])
+        self.image_processor = ImageProcessor.from_spec(manifest["preprocessing"])  # tiles when the manifest says so
         self.tokenizer = Tokenizer(self.root / manifest["tokenizer"]["file"])
         self.eos_ids = set(self.prompt["eos_ids"])
 
@@ -83,10 +85,12 @@ class PromptedSession:
 
         return list(self.prompt["before_image_ids"]), ids_after_image(self.prompt, self.tokenizer, prompt, self.folder.name)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The whole prompt's ids, each image position an `IMAGE_PLACEHOLDER_ID`."""
+    def prompt_ids(self, prompt: str, image_tokens: int | None = None) -> list[int]:
+        """The whole prompt's ids, each image position an `IMAGE_PLACEHOLDER_ID`; `image_tokens`
+        (the vision output's rows) defaults to the manifest's count, which a tiled image may undercut."""
         before, after = self.prompt_parts(prompt)
-        return [*before, *[IMAGE_PLACEHOLDER_ID] * self.prompt["image_tokens"], *after]
+        count = self.prompt["image_tokens"] if image_tokens is None else image_tokens
+        return [*before, *[IMAGE_PLACEHOLDER_ID] * count, *after]
 
     def budget(self, prompt_len: int, max_new_tokens: int) -> int:
         return min(max_new_tokens, self.context - prompt_len)
@@ -105,7 +109,8 @@ class _OnnxVision(PromptedSession):
         self.vision = open_graph(self.graphs["vision"])
 
     def image_features(self, image: Image.Image) -> np.ndarray:
-        pixels = self.image_processor.prepare_image(image).unsqueeze(0).numpy()
+        """[1, N, D]; a tiled model's views ([K, 3, S, S]) go in together and come out as one sequence."""
+        pixels = self.image_processor.prepare_views(image).numpy()
         return self.vision.run(None, {"image": pixels})[0]
 
 
@@ -131,6 +136,10 @@ class OnnxSession(_OnnxVision):
         self.past_names, self.present_names = cache_names(self.num_layers, True), cache_names(self.num_layers, False)
         self.no_image = np.zeros((0, self.prompt["image_tokens"], self.width), np.float32)
         self.shared_buffer = self.meta.get("kv_cache") == "shared-buffer"
+        self.image_input = self.meta.get("decoder_image_input")  # None, "image_features" or "image_mask"
+        if self.image_input == "image_features":  # N is fixed in the graph
+            rows = next(i.shape[1] for i in self.decoder.get_inputs() if i.name == "image_features")
+            self.no_features = np.zeros((1, rows, self.width), np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -140,36 +149,57 @@ class OnnxSession(_OnnxVision):
         empty = np.zeros((1, self.kv_heads, positions, self.head_dim), np.float32)
         self.past = {name: ort.OrtValue.ortvalue_from_numpy(empty.copy()) if self.shared_buffer else empty for name in self.past_names}
         self.length = 0
+        if self.image_input == "image_features":  # the conversation's image for every decoder call (zeros: none)
+            self.features = self.no_features
 
     def embed(self, ids: list[int] | np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         return self.embedding.run(None, {"input_ids": ids, "image_features": self.no_image if image_features is None else image_features})[0]
 
-    def step(self, embeds: np.ndarray) -> np.ndarray:
+    def decoder_image_input(self, embeds: np.ndarray, image_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The decoder's interface input for these embeds: the conversation's image features, or the
+        image mask (the embedding graph's, else zeros: generated tokens are text)."""
+        if self.image_input == "image_features":
+            return {"image_features": self.features}
+        if self.image_input == "image_mask":
+            return {"image_mask": image_mask if image_mask is not None else np.zeros(embeds.shape[:2], np.float32)}
+        return {}
+
+    def step(self, embeds: np.ndarray, image_mask: np.ndarray | None = None) -> np.ndarray:
         """Run the decoder on embeds [1, T, D] after the cached positions; logits [T, V]."""
         if self.length + embeds.shape[1] > self.context:
             raise PromptError(f"{self.folder.name}: {self.length + embeds.shape[1]} positions exceed the exported context of {self.context}")
         self.length += embeds.shape[1]
         mask = np.ones((1, self.length), np.int64)
+        extra = self.decoder_image_input(embeds, image_mask)
         if self.shared_buffer:
             binding = self.decoder.io_binding()
             binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
             binding.bind_cpu_input("attention_mask", mask)
+            for name, value in extra.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, np.float32))
             binding.bind_output("logits")
             for past, present in zip(self.past_names, self.present_names):
                 binding.bind_ortvalue_input(past, self.past[past])
                 binding.bind_ortvalue_output(present, self.past[past])
             self.decoder.run_with_iobinding(binding)
             return binding.get_outputs()[0].numpy()[0]  # logits only: copying the cache out would undo the point
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, **self.past}
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, **self.past, **extra}
         logits, *presents = self.decoder.run(["logits", *self.present_names], feeds)
         self.past = dict(zip(self.past_names, presents))
         return logits[0]
 
     def prefill(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, int]:
-        ids = self.prompt_ids(prompt)
+        self.prompt_parts(prompt)  # a prompt too long is refused before the image is encoded
         self.reset()
-        return self.step(self.embed(ids, self.image_features(image)))[-1], len(ids)
+        features = self.image_features(image)
+        if self.image_input == "image_features":  # beside the sequence, not in it
+            self.features = features
+            ids = self.prompt_ids(prompt)
+            return self.step(self.embed(ids))[-1], len(ids)
+        ids = self.prompt_ids(prompt, features.shape[1])
+        outputs = self.embedding.run(None, {"input_ids": np.asarray([ids], np.int64), "image_features": features})
+        return self.step(outputs[0], outputs[1] if self.image_input == "image_mask" else None)[-1], len(ids)
 
     def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
         logits, prompt_len = self.prefill(image, prompt)
@@ -206,20 +236,22 @@ class GenAISession(_OnnxVision):
         except Exception as exc:
             raise ExportError(f"{self.folder / 'genai_config.json'}: onnxruntime-genai cannot load the artifact ({str(exc).splitlines()[0]})") from None
 
-    def _generator(self, image: Image.Image, prompt: str, new_tokens: int):
-        ids = self.prompt_ids(prompt)
+    def _generator(self, image: Image.Image, prompt: str, max_new_tokens: int):
+        """A generator holding the prompt, and how many tokens it may add (the context's limit)."""
+        features = self.image_features(image)
+        ids = self.prompt_ids(prompt, None if self.prompt["image_tokens"] == 0 else features.shape[1])
+        budget = self.budget(len(ids), max_new_tokens)
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        params.set_search_options(max_length=len(ids) + budget, do_sample=False)
         generator = self.og.Generator(self.model, params)
-        generator.set_model_input("image_features", self.image_features(image))
+        generator.set_model_input("image_features", features)
         generator.append_tokens(np.asarray([ids], np.int32))
-        return generator, len(ids)
+        return generator, budget
 
     def answer(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
-        prompt_len = len(self.prompt_ids(prompt))
-        generator, _ = self._generator(image, prompt, self.budget(prompt_len, max_new_tokens))
+        generator, budget = self._generator(image, prompt, max_new_tokens)
         tokens: list[int] = []
-        while not generator.is_done() and len(tokens) < self.budget(prompt_len, max_new_tokens):
+        while not generator.is_done() and len(tokens) < budget:
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             if token in self.eos_ids:

@@ -15,9 +15,14 @@ class Contender:
     backend = "onnx"
 
     def __init__(self, bundle, artifact: dict):
+        from mobilevlm.errors import MobileVLMError
         from mobilevlm.export.onnx_session import OnnxSession
 
         folder = bundle.path(artifact["file"])
+        if image_input := (artifact.get("metadata") or {}).get("decoder_image_input"):
+            # The worker feeds the image as prompt embeddings (the token interface); a decoder that
+            # also takes image_features (cross_attention) or image_mask (visual_expert) needs another flow.
+            raise MobileVLMError(f"{folder}: decoder.onnx takes {image_input} (a feature-level interface); the benchmark drives only token-interface graphs")
         self.name = artifact["name"]
         self.file_bytes = disk_bytes(folder)
         self.session = OnnxSession(bundle.root, artifact, bundle.manifest)

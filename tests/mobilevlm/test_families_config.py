@@ -74,7 +74,7 @@ def test_config_json_with_a_bad_stage_list_is_a_config_error():
     [
         ("gguf", dict(projector=ProjectorConfig("qformer", num_queries=4, depth=1, num_heads=4)), "projector:qformer"),
         ("hf", dict(resolution="anyres", anyres_grids=(1, 2)), "resolution:anyres"),
-        ("onnx", dict(resolution="anyres", anyres_grids=(1, 2)), "resolution:anyres"),
+        ("gguf", dict(interface="visual_expert"), "interface:visual_expert"),
         ("gguf", dict(text=dataclasses.replace(micro_config().text, num_experts=2, experts_per_token=1)), "decoder:moe"),
     ],
 )
