@@ -35,7 +35,7 @@ FAMILIES = {
 }
 
 
-def confident(config, folder, tokenizer_path):
+def confident(config, folder, tokenizer_path, steps: int = 60, lr: float = 3e-3):
     """A model of this family fine-tuned on the parity cases, so fp16 rounding cannot flip a flat argmax."""
     torch.manual_seed(0)
     model = MobileVLM(config.validate())
@@ -52,9 +52,9 @@ def confident(config, folder, tokenizer_path):
         ids = before + [IMAGE_TOKEN_INDEX] + after + target
         labels = [IGNORE_INDEX] * (len(ids) - len(target)) + target
         rows.append((torch.tensor([ids]), processor.image.preprocess(case.image()), torch.tensor([labels])))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(60):
+    for _ in range(steps):
         loss = sum(model(ids, pixels, labels) for ids, pixels, labels in rows)
         optimizer.zero_grad()
         loss.backward()
