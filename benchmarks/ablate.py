@@ -14,6 +14,9 @@ modality interface, sparse decoder). Every variant goes through exactly the same
 5. write `OUT/VARIANT/result.json`; the table (`OUT/ablation.md`) and `OUT/results.jsonl` are built
    from those records only.
 
+The "resolution (small text)" pair runs the baseline and the tiled model on scenes whose printed word is
+small (`SMALL_TEXT`), from the same source renders, so tiling is tested where it should matter.
+
 Variants run as separate processes (`--jobs` at a time, one torch thread each) and resume: a variant
 whose result.json exists is not run again, and an interrupted training resumes from its last checkpoint.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobilevlm.config import VisionConfig
+from mobilevlm.data.scene import scene_config_scope
 from mobilevlm.errors import ConfigError, MobileVLMError
 
 PROJECTION_DEVICE = "snapdragon-8-gen-3"
@@ -47,6 +51,25 @@ class Variant:
     choice: str  # which survey axis this variant changes
     description: str
     overrides: dict = field(default_factory=dict)  # Recipe.model_overrides on top of the tiny preset
+    # SceneConfig fields for every scene the variant trains, is evaluated and exported on (empty: the
+    # default scenes), and the ScenePool's render scales (None: batches.RENDER_SCALES).
+    scene: dict = field(default_factory=dict)
+    render_scales: tuple[int, ...] | None = None
+
+    def scene_config(self):
+        from mobilevlm.data.scene import SceneConfig
+
+        return SceneConfig(**self.scene)
+
+
+# The small-text comparison: the printed word on a plate a fifth of its row's size, placed anywhere in
+# the row (capitals about 4 px tall in a 96 px view, 8 px in a 192 px one: unreadable when the
+# image is resized to the encoder, readable in the tiles of a 2x2 layout). Both variants train on the
+# same renders (2x or 4x the 96 px input, never 1x) and are evaluated on the same 256 px test renders;
+# the direct model resizes them down, the tiled one cuts tiles.
+SMALL_TEXT = {"word_scale": 0.2}
+SMALL_TEXT_RENDER_SCALES = (2, 4)
+ANYRES = {"resolution": "anyres", "anyres_grids": [1, 2, 2, 1, 2, 2]}
 
 
 def _high_res_convnext() -> dict:
@@ -64,7 +87,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("patch-linear", "encoder", "encoder-free (Fuyu): 16 px patches projected straight to tokens, a separator per row",
             {"vision": {"type": "patch", "patch_size": 16, "hidden_size": 256}, "projector": {"type": "linear"}}),
     Variant("clip-anyres", "resolution", "tiling (LLaVA-NeXT anyres): global view + 1x2 / 2x1 / 2x2 tiles of 96 px, each LDPv2 + separator",
-            {"resolution": "anyres", "anyres_grids": [1, 2, 2, 1, 2, 2]}),
+            ANYRES),
+    Variant("clip-ldpv2-smalltext", "resolution (small text)", "the baseline (direct resize to 96 px) on small-text scenes: word plate 0.2 of its row, "
+            "trained on 2x / 4x renders", scene=SMALL_TEXT, render_scales=SMALL_TEXT_RENDER_SCALES),
+    Variant("clip-anyres-smalltext", "resolution (small text)", "clip-anyres on the same small-text scenes and renders: the 2x2 tiles see the word "
+            "at twice the direct model's scale", ANYRES, scene=SMALL_TEXT, render_scales=SMALL_TEXT_RENDER_SCALES),
     Variant("clip-dual", "resolution", "dual resolution (CogAgent-style): 96 px CLIP tokens cross-attend to a 192 px ConvNeXt",
             {"resolution": "dual", "high_res_vision": _high_res_convnext()}),
     Variant("clip-qformer", "interface", "Q-Former (BLIP-2): 36 learned queries, 2 layers",
@@ -139,31 +166,45 @@ def host_timings(bundle_dir: Path, artifact: str) -> dict:
 def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     import torch
 
+    torch.set_num_threads(HOST_THREADS)  # also ExecuTorch's pool in this process
+    folder = out / name
+    if name == "fusion":
+        return run_fusion_variant(out, budget, eval_scenes)
+    variant = VARIANTS[name]
+    with scene_config_scope(variant.scene_config()):  # training pool, test scenes and parity cases alike
+        return _run_model_variant(variant, folder, budget, eval_scenes)
+
+
+def _run_model_variant(variant: Variant, folder: Path, budget: str, eval_scenes: int) -> dict:
     from mobilevlm.checkpoint import load_model, load_processor
     from mobilevlm.evaluate import ReferenceAnswerer, evaluate
     from mobilevlm.export import pipeline
     from mobilevlm.export.bundle import load_bundle
     from mobilevlm.moe import active_parameters
     from mobilevlm.train import Trainer
+    from mobilevlm.train.batches import RENDER_SCALES, ScenePool
 
     from .projection import project
 
-    torch.set_num_threads(HOST_THREADS)  # also ExecuTorch's pool in this process
-    folder = out / name
-    if name == "fusion":
-        return run_fusion_variant(out, budget, eval_scenes)
+    name = variant.name
     recipe = ablation_recipe(name, budget)
     run = folder / "run"
-    model_dir = Trainer(run, recipe, resume=(run / "recipe.json").exists(), progress=False).run()
+    trainer = Trainer(run, recipe, resume=(run / "recipe.json").exists(), progress=False)
+    if variant.render_scales is not None:
+        trainer.pool = ScenePool(trainer.processor, recipe.scene_pool, render_scales=variant.render_scales)
+    model_dir = trainer.run()
     model, processor = load_model(model_dir), load_processor(model_dir)
     config = model.config
-    metrics = evaluate(ReferenceAnswerer(model, processor), None, eval_scenes, progress=False)
+    answerer = ReferenceAnswerer(model, processor)
+    metrics = evaluate(answerer, None, eval_scenes, progress=False)
     active, total = active_parameters(model)
     record = {
-        "variant": name, "choice": VARIANTS[name].choice, "description": VARIANTS[name].description, "budget": budget,
+        "variant": name, "choice": variant.choice, "description": variant.description, "budget": budget,
         "recipe": recipe.to_dict(), "model_config": config.to_dict(),
+        "scenes": {"scene_config": dataclasses.asdict(variant.scene_config()), "render_scales": list(variant.render_scales or RENDER_SCALES)},
         "parameters": total, "active_parameters": active, "image_tokens": config.num_image_tokens, "train_minutes": train_minutes(run),
-        "eval": {"num_scenes": eval_scenes, "closed_ended": metrics["closed_ended"], "pope": metrics["pope"], "chair": metrics["chair"]},
+        "eval": {"num_scenes": eval_scenes, "closed_ended": metrics["closed_ended"], "pope": metrics["pope"], "chair": metrics["chair"],
+                 "word_read": word_read(answerer, eval_scenes)},
     }
     et = pipeline.export_bundle(folder / "bundle-executorch", "executorch", ("8da4w",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
     artifact = load_bundle(et).artifact("executorch-8da4w")
@@ -184,6 +225,22 @@ def run_variant(name: str, out: Path, budget: str, eval_scenes: int) -> dict:
     record["machine"] = {"cpu": _cpu_model(), "torch_threads": HOST_THREADS}
     (folder / "result.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def word_read(answerer, eval_scenes: int) -> dict:
+    """The harder half of "reading": on the evaluated test scenes that hold a word, is the answer to
+    "What word is written in the image?" the word? (The other half, "Is there any text?", can be
+    answered from the plate alone, or by a yes-bias, without reading a letter.)"""
+    from mobilevlm.data import make_scene, normalize_answer, render_scene
+    from mobilevlm.evaluate import EVAL_IMAGE_SIZE, eval_seeds
+
+    hits = []
+    for seed in eval_seeds(None, eval_scenes):
+        scene = make_scene(seed)
+        if scene.word is not None:
+            predicted = answerer.answer(render_scene(scene, EVAL_IMAGE_SIZE), QUESTION, 8)
+            hits.append(normalize_answer(predicted) == scene.word)
+    return {"accuracy": sum(hits) / len(hits) if hits else 0.0, "count": len(hits), "question": QUESTION}
 
 
 def run_fusion_variant(out: Path, budget: str, eval_scenes: int) -> dict:
@@ -296,7 +353,9 @@ def table(records: list[dict]) -> str:
         "(a projection, not a phone measurement). ONNX n/a: the ONNX exporter does not carry that family (see each result.json).",
     ]
     for r in records:
-        notes.append(f"- **{r['variant']}**: {r['description']}")
+        word = r["eval"].get("word_read")
+        notes.append(f"- **{r['variant']}**: {r['description']}"
+                     + (f" (word read, \"{word['question']}\": {word['accuracy']:.3f} over the {word['count']} test scenes with a word)" if word else ""))
     return "\n".join(rows + notes) + "\n"
 
 

@@ -8,7 +8,9 @@ Pillow rasterises at tiny sizes, and keeps the output a pure function of (scene,
 Legibility at 64 px drives the proportions: a small object is about 10 px across there and a large
 one about 18 px; the word fills a whole grid row (about 21 px tall, 60 px wide) in capitals on a
 white plate, stroked for weight, because a tiny model looking at 64 px could not read anything
-smaller.
+smaller. A scene with `word_scale` < 1 prints it on a plate that much smaller, placed within the
+row by `word_offset`: small text, for studying higher-resolution strategies (tiling) that should
+read what a direct resize blurs.
 """
 
 from __future__ import annotations
@@ -112,14 +114,33 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=px)
 
 
-def _draw_word(image: Image.Image, word: str, row: int) -> None:
-    """Print `word` in capitals, as large as fits, on a white plate filling grid row `row`."""
+def word_plate(row: int, scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float, float]:
+    """The word plate (x0, y0, x1, y1) in unit coordinates: the whole grid row `row` less margins,
+    or (scale < 1) that box shrunk by `scale` in both directions and moved within the row by
+    `offset` (-1..1 of the free travel each way; see `Scene.word_offset`)."""
+    x0, x1 = PLATE_MARGIN_X, 1 - PLATE_MARGIN_X
+    y0, y1 = row / GRID + PLATE_MARGIN_Y, (row + 1) / GRID - PLATE_MARGIN_Y
+    if scale != 1.0:
+        hw, hh = scale * (x1 - x0) / 2, scale * (y1 - y0) / 2
+        cx = (x0 + x1) / 2 + offset[0] * ((x1 - x0) / 2 - hw)
+        cy = (y0 + y1) / 2 + offset[1] * ((y1 - y0) / 2 - hh)
+        x0, x1, y0, y1 = cx - hw, cx + hw, cy - hh, cy + hh
+    return x0, y0, x1, y1
+
+
+def _draw_word(image: Image.Image, word: str, row: int, scale: float = 1.0,
+               offset: tuple[float, float] = (0.0, 0.0)) -> None:
+    """Print `word` in capitals, as large as fits, on a white plate filling grid row `row` (or a
+    plate `scale` that size, placed by `offset`)."""
     n = image.width
     draw = ImageDraw.Draw(image)
-    x0, x1 = PLATE_MARGIN_X * n, (1 - PLATE_MARGIN_X) * n
-    y0, y1 = (row / GRID + PLATE_MARGIN_Y) * n, ((row + 1) / GRID - PLATE_MARGIN_Y) * n
+    if scale == 1.0:  # the default layout, computed exactly as it always was (same bytes)
+        x0, x1 = PLATE_MARGIN_X * n, (1 - PLATE_MARGIN_X) * n
+        y0, y1 = (row / GRID + PLATE_MARGIN_Y) * n, ((row + 1) / GRID - PLATE_MARGIN_Y) * n
+    else:
+        x0, y0, x1, y1 = (v * n for v in word_plate(row, scale, offset))
     draw.rounded_rectangle((x0, y0, x1, y1), radius=0.2 * (y1 - y0), fill=PLATE_COLOR,
-                           outline=PLATE_BORDER, width=max(1, round(0.006 * n)))
+                           outline=PLATE_BORDER, width=max(1, round(0.006 * n * scale)))
     text = word.upper()
     box_w, box_h = 0.88 * (x1 - x0), 0.74 * (y1 - y0)
     px = max(4, int(box_h * 1.3))
@@ -154,5 +175,5 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     if scene.word is not None:
         if scene.word_row is None:
             raise ValueError(f"Scene {scene.seed}: word {scene.word!r} has no word_row")
-        _draw_word(canvas, scene.word, scene.word_row)
+        _draw_word(canvas, scene.word, scene.word_row, scene.word_scale, scene.word_offset)
     return canvas.resize((size, size), Image.Resampling.BOX)

@@ -2,7 +2,8 @@
 
 A scene is a 3x3 grid of cells holding at most one object each, plus an optional printed word that
 fills one whole grid row (so that it stays legible when the image is shrunk to 64 px: a single cell
-would be about 21 px wide there, too narrow for four letters). Everything the toolkit says about an
+would be about 21 px wide there, too narrow for four letters; `SceneConfig.word_scale` < 1 prints it
+smaller, somewhere in that row, to study small text). Everything the toolkit says about an
 image -- captions, questions, hallucination probes -- is derived from this graph, never from pixels,
 so every answer is exact by construction.
 
@@ -17,9 +18,10 @@ at the image answers "yes" to them.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 RGB = tuple[int, int, int]
 
@@ -137,14 +139,25 @@ class Background:
 
 @dataclass(frozen=True)
 class Scene:
-    """A whole image as a graph. `word_row` is the grid row the word fills (None without a word);
-    no object shares that row."""
+    """A whole image as a graph. `word_row` is the grid row the word belongs to (None without a
+    word); no object shares that row. `word_scale` is the size of the word's plate relative to the
+    whole row (1.0: the plate fills the row; smaller: a plate that much smaller in both directions)
+    and `word_offset` (x, y in -1..1) places a smaller plate within its row, -1 at the row's left /
+    top edge, 0 centred, 1 at the right / bottom edge; both live in the graph, so rendering stays a
+    pure function of it."""
 
     seed: int
     objects: tuple[SceneObject, ...]
     word: str | None
     word_row: int | None
     background: Background
+    word_scale: float = 1.0
+    word_offset: tuple[float, float] = (0.0, 0.0)
+
+
+# A word plate keeps at least this share of its row: smaller would be a few canvas pixels, text no
+# renderer draws legibly at any output size.
+MIN_WORD_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,12 @@ class SceneConfig:
     words: tuple[str, ...] = WORDS
     jitter: float = 0.05  # max |dx|, |dy| in cell units; kept below a small object's inradius
     background_kinds: tuple[str, ...] = BACKGROUND_KINDS
+    # Size of the printed word relative to the default (a plate filling its grid row). Below 1 the
+    # text is small relative to the image: at 0.2 its capitals are about 4 px tall in a 96 px view
+    # (unreadable) and 8 px in a 192 px one (readable), the regime where tiling should pay off.
+    # A smaller plate lands anywhere in its row (uniformly), as text in a photo does, so no layout
+    # (e.g. a tile boundary through the image centre) is systematically favoured or cut.
+    word_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
@@ -178,6 +197,9 @@ class SceneConfig:
                                  f"colour or shape name")
         if not 0.0 <= self.jitter <= 0.08:
             raise ValueError(f"SceneConfig.jitter: expected 0..0.08 cell units, got {self.jitter}")
+        if not MIN_WORD_SCALE <= self.word_scale <= 1.0:
+            raise ValueError(f"SceneConfig.word_scale: expected {MIN_WORD_SCALE}..1.0, "
+                             f"got {self.word_scale}")
         unknown = set(self.background_kinds) - set(BACKGROUND_KINDS)
         if not self.background_kinds or unknown:
             raise ValueError(f"SceneConfig.background_kinds: expected a non-empty subset of "
@@ -185,6 +207,28 @@ class SceneConfig:
 
 
 DEFAULT_CONFIG = SceneConfig()
+# What `make_scene` uses when no config is passed; see `scene_config_scope`.
+_ACTIVE: list[SceneConfig] = [DEFAULT_CONFIG]
+
+
+@contextlib.contextmanager
+def scene_config_scope(config: SceneConfig) -> Iterator[SceneConfig]:
+    """Within the block, `make_scene(seed)` without a config draws from `config`.
+
+    Why a scope and not an argument: training pools, evaluation and export parity cases all call
+    `make_scene(seed)`, and a benchmark that studies another scene distribution (e.g. small printed
+    text) must change it for every one of them at once, in one process, without threading a config
+    through each API. Calls that pass a config explicitly are not affected."""
+    _ACTIVE.append(config)
+    try:
+        yield config
+    finally:
+        _ACTIVE.pop()
+
+
+def active_scene_config() -> SceneConfig:
+    """The config `make_scene(seed)` uses right now (DEFAULT_CONFIG outside any scope)."""
+    return _ACTIVE[-1]
 
 
 def object_weight(color: str, shape: str) -> float:
@@ -221,8 +265,10 @@ def _background(rng: random.Random, config: SceneConfig) -> Background:
     )
 
 
-def make_scene(seed: int, config: SceneConfig = DEFAULT_CONFIG) -> Scene:
-    """The scene of `seed`: the same seed and config always give the same scene."""
+def make_scene(seed: int, config: SceneConfig | None = None) -> Scene:
+    """The scene of `seed`: the same seed and config always give the same scene. Without `config`,
+    the active one (DEFAULT_CONFIG unless inside `scene_config_scope`)."""
+    config = active_scene_config() if config is None else config
     rng = random.Random(seed * 1_000_003 + 17)
     word: str | None = None
     word_row: int | None = None
@@ -240,5 +286,11 @@ def make_scene(seed: int, config: SceneConfig = DEFAULT_CONFIG) -> Scene:
             shape=shape, color=color, size=rng.choice(SIZES), row=row, col=col,
             dx=round(rng.uniform(-config.jitter, config.jitter), 4),
             dy=round(rng.uniform(-config.jitter, config.jitter), 4)))
+    offset = (0.0, 0.0)
+    if word is not None and config.word_scale < 1.0:
+        # Its own stream, so that the rest of the scene is the same at every word_scale.
+        place = random.Random(f"{seed}:word-place")
+        offset = (round(place.uniform(-1, 1), 4), round(place.uniform(-1, 1), 4))
     return Scene(seed=seed, objects=tuple(objects), word=word, word_row=word_row,
-                 background=_background(rng, config))
+                 background=_background(rng, config), word_scale=config.word_scale,
+                 word_offset=offset)

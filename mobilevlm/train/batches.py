@@ -29,12 +29,19 @@ RENDER_SCALES = (1, 2, 4)
 
 
 class ScenePool:
-    """`size` train scenes from `offset`, rendered once (lazily) and kept as uint8 tensors."""
+    """`size` train scenes from `offset`, rendered once (lazily) and kept as uint8 tensors.
 
-    def __init__(self, processor: Processor, size: int, offset: int = 0):
+    `render_scales` overrides RENDER_SCALES (multiples of the model's input size, one per scene by
+    seed): a comparison of resolution strategies gives every variant the same source renders with
+    it, so that one model downsizes exactly the pixels the other tiles."""
+
+    def __init__(self, processor: Processor, size: int, offset: int = 0, render_scales: tuple[int, ...] | None = None):
+        if render_scales is not None and (not render_scales or min(render_scales) < 1):
+            raise ValueError(f"ScenePool.render_scales: expected positive multiples of the input size, got {render_scales}")
         self.processor = processor
         self.size = size
         self.offset = offset
+        self.render_scales = render_scales
         self._pixels: dict[int, torch.Tensor] = {}
 
     def seed(self, index: int) -> int:
@@ -48,8 +55,8 @@ class ScenePool:
         key = index % self.size
         if key not in self._pixels:
             seed = self.seed(key)
-            scales = RENDER_SCALES
-            if self.processor.image.grids:
+            scales = RENDER_SCALES if self.render_scales is None else self.render_scales
+            if self.processor.image.grids and self.render_scales is None:
                 # Tiled models: the scenes are square, so every image large enough to fill a tile
                 # grid takes the same layout and a batch's view counts agree; a 1x scene would take
                 # the smaller layout (fewer views) and could not share a batch with the others.
