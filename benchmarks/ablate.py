@@ -211,12 +211,7 @@ def _run_model_variant(variant: Variant, folder: Path, budget: str, eval_scenes:
     record["executorch"] = {"recipe": "8da4w", "size_bytes": artifact["size_bytes"], "token_agreement": artifact["parity"]["token_agreement"],
                             "answers_identical": artifact["parity"]["answers_identical"], "num_cases": artifact["parity"]["num_cases"]}
     record["host"] = host_timings(et, "executorch-8da4w")
-    try:
-        onnx = pipeline.export_bundle(folder / "bundle-onnx", "onnx", ("int4",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
-        entry = load_bundle(onnx).artifact("onnx-int4")
-        record["onnx"] = {"recipe": "int4", "size_bytes": entry["size_bytes"], "token_agreement": entry["parity"]["token_agreement"]}
-    except MobileVLMError as exc:
-        record["onnx"] = {"recipe": "int4", "unsupported": str(exc)}
+    record["onnx"] = onnx_record(folder, model_dir)
     text_tokens = record["host"]["prompt_tokens"] - config.num_image_tokens
     p = project(config, "8da4w", PROJECTION_DEVICE, PROJECTION_THREADS, PROJECTION_RUNTIME, context=256, prompt_lengths=(16,),
                 text_prompt_tokens=text_tokens, model_name=name)
@@ -225,6 +220,19 @@ def _run_model_variant(variant: Variant, folder: Path, budget: str, eval_scenes:
     record["machine"] = {"cpu": _cpu_model(), "torch_threads": HOST_THREADS}
     (folder / "result.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def onnx_record(folder: Path, model_dir: Path) -> dict:
+    """The variant's ONNX int4 export (size, parity), or why the exporter refused it."""
+    from mobilevlm.export import pipeline
+    from mobilevlm.export.bundle import load_bundle
+
+    try:
+        onnx = pipeline.export_bundle(folder / "bundle-onnx", "onnx", ("int4",), model_dir, force=True, num_parity_cases=4, eval_scenes=0, log=lambda s: None)
+    except MobileVLMError as exc:
+        return {"recipe": "int4", "unsupported": str(exc)}
+    entry = load_bundle(onnx).artifact("onnx-int4")
+    return {"recipe": "int4", "size_bytes": entry["size_bytes"], "token_agreement": entry["parity"]["token_agreement"]}
 
 
 def word_read(answerer, eval_scenes: int) -> dict:
@@ -350,7 +358,7 @@ def table(records: list[dict]) -> str:
         + "Training minutes: the stages' wall time summed from their stage.json, with other variants and jobs sharing the 2-core host "
         "(they rank the variants' cost only loosely). "
         f"Projected: roofline model of benchmarks/projection.py for {PROJECTION_DEVICE}, {PROJECTION_RUNTIME}, {PROJECTION_THREADS} threads "
-        "(a projection, not a phone measurement). ONNX n/a: the ONNX exporter does not carry that family (see each result.json).",
+        "(a projection, not a phone measurement). ONNX n/a: the record has no ONNX export (its result.json says why).",
     ]
     for r in records:
         word = r["eval"].get("word_read")
@@ -386,6 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="variants run at once (one process and one thread each)")
     parser.add_argument("--retime", action="store_true",
                         help="re-measure the host timings of finished variants one after another (run it with nothing else on the machine) and rebuild the table")
+    parser.add_argument("--onnx-again", action="store_true",
+                        help="export ONNX int4 again for finished variants whose record has none (e.g. after the exporter learned their family) and rebuild the table")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single variant in this process
 
 
@@ -413,7 +423,15 @@ def run(args: argparse.Namespace) -> int:
                 record["train_minutes"] = train_minutes(args.out / record["variant"] / "run")
             (args.out / record["variant"] / "result.json").write_text(json.dumps(record, indent=1))
             print(f"{record['variant']}: encode {record['host']['image_encode_ms']} ms, TTFT {record['host']['ttft_ms']} ms", flush=True)
-    pending = [] if args.retime else [n for n in names if not (args.out / n / "result.json").is_file()]
+    if args.onnx_again:
+        for record in collect(args.out, names):
+            if record["variant"] == "fusion" or "size_bytes" in record["onnx"]:
+                continue
+            with scene_config_scope(VARIANTS[record["variant"]].scene_config()):  # the parity cases' scenes
+                record["onnx"] = onnx_record(args.out / record["variant"], args.out / record["variant"] / "run" / "model")
+            (args.out / record["variant"] / "result.json").write_text(json.dumps(record, indent=1))
+            print(f"{record['variant']}: onnx {record['onnx']}", flush=True)
+    pending = [] if args.retime or args.onnx_again else [n for n in names if not (args.out / n / "result.json").is_file()]
     running: list[tuple[str, subprocess.Popen]] = []
     failed = []
     env = dict(os.environ, OMP_NUM_THREADS=str(HOST_THREADS))

@@ -155,3 +155,35 @@ def test_ablation_table_is_built_from_records():
     assert "| clip-ldpv2-moe | baseline | 5.00M (3.00M) |" in text and "| 6.0 |" in text
     fusion = dict(record, variant="fusion", image_tokens=30, projected={"ttft_ms": None})
     assert "| fusion | baseline | 4.00M | 30 (description) |" in table([fusion]) and "| n/a | 5.0 |" in table([fusion])
+
+
+def test_onnx_again_exports_only_records_without_onnx(tmp_path, tokenizer_path):
+    """`mobilevlm ablate --onnx-again`: a finished variant whose record has no ONNX export gets one from
+    its trained model (size and parity in the record, the table rebuilt); one that has it is left alone."""
+    import argparse
+    import json
+
+    import torch
+
+    from mobilevlm import MobileVLM, save_pretrained
+    from mobilevlm.benchmarks import ablate
+
+    torch.manual_seed(0)
+    base = {
+        "choice": "interface", "description": "x", "budget": "ablation", "parameters": 1, "active_parameters": 1, "image_tokens": 0, "train_minutes": 1.0,
+        "eval": {"num_scenes": 2, "closed_ended": {"accuracy": 0.5, "by_type": {}}, "pope": {"random": {"f1": 0.5}}, "chair": {"chair_i": 0.5}},
+        "executorch": {"size_bytes": 1}, "host": {"image_encode_ms": 1.0, "ttft_ms": 1.0}, "projected": {"ttft_ms": 1.0}, "machine": {"cpu": "test"},
+    }
+    records = {"clip-xattn": dict(base, variant="clip-xattn", onnx={"recipe": "int4", "unsupported": "not then"}),
+               "clip-ldpv2": dict(base, variant="clip-ldpv2", onnx={"recipe": "int4", "size_bytes": 123, "token_agreement": 1.0})}
+    for name, record in records.items():
+        save_pretrained(MobileVLM(dataclasses.replace(micro_config(), interface="cross_attention", cross_attention_every=1).validate()),
+                        tmp_path / name / "run" / "model", tokenizer=tokenizer_path)
+        (tmp_path / name / "result.json").write_text(json.dumps(record))
+    args = argparse.Namespace(out=tmp_path, variants="clip-xattn,clip-ldpv2", budget="ablation", eval_scenes=2, jobs=1, retime=False, onnx_again=True, one=None)
+    assert ablate.run(args) == 0
+    xattn = json.loads((tmp_path / "clip-xattn" / "result.json").read_text())["onnx"]
+    assert xattn["recipe"] == "int4" and xattn["size_bytes"] > 0 and 0 <= xattn["token_agreement"] <= 1
+    assert json.loads((tmp_path / "clip-ldpv2" / "result.json").read_text())["onnx"]["size_bytes"] == 123
+    assert not (tmp_path / "clip-ldpv2" / "bundle-onnx").exists()
+    assert f"| {xattn['size_bytes'] / 1e6:.1f} |" in (tmp_path / "ablation.md").read_text()
