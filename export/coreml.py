@@ -80,10 +80,6 @@ class CoreMLAttention(nn.Module):
         return self.o_proj(y) if expert is None else expert[0].out(self, y, expert[1])
 
 
-# The decoder's third input per feature-level interface (none for the token interface).
-DECODER_IMAGE_INPUT = {"cross_attention": "image_features", "visual_expert": "image_mask"}
-
-
 class DecoderProgram(nn.Module):
     """(inputs_embeds [1, T, D], causal_mask [1, 1, T, P + T][, image input]) -> logits [1, V] of the
     last position. The image input: `image_features` [1, N, D] for cross-attention (every call),
@@ -245,20 +241,15 @@ def model_specs(model: MobileVLM, cache_len: int, target: str, states: list[dict
     """What each program takes and returns, and how an app drives them (the manifest's `methods`)."""
     c = model.config
     s, d, top = c.input_image_size, c.text.hidden_size, cache_len - 1
+    image = {"name": "image", "type": "ImageType", "color_layout": "RGB", "shape": [1, 3, s, s], "scale": 1 / 255, "bias": [0, 0, 0],
+             "normalized_inside": True, "meaning": "the preprocessed image (padded / resized to S x S); Core ML scales it to [0, 1], (x - mean) / std happens inside"}
+    embeddings = {"name": "image_embeddings", "dtype": "float16", "shape": [1, c.num_image_features, d]}
+    if c.resolution == "anyres":
+        image["meaning"] = "ONE view of the tiled image (preprocessing.tiling): run the program once per view, the global view first, then the tiles row-major"
+        embeddings.update(shape=[1, c.tokens_per_view + 1, d],
+                          meaning="this view's tokens followed by the separator token; concatenate the views' outputs in order along axis 1")
     specs = {
-        "vision": {
-            "file": "vision.mlpackage",
-            "inputs": [{"name": "image", "type": "ImageType", "color_layout": "RGB", "shape": [1, 3, s, s], "scale": 1 / 255, "bias": [0, 0, 0],
-                        "normalized_inside": True, "meaning": "the preprocessed image (padded / resized to S x S); Core ML scales it to [0, 1], (x - mean) / std happens inside"}],
-            "outputs": [{"name": "image_embeddings", "dtype": "float16", "shape": [1, c.num_image_features, d]}],
-        } if c.resolution != "anyres" else {
-            "file": "vision.mlpackage",
-            "inputs": [{"name": "image", "type": "ImageType", "color_layout": "RGB", "shape": [1, 3, s, s], "scale": 1 / 255, "bias": [0, 0, 0],
-                        "normalized_inside": True, "meaning": "ONE view of the tiled image (preprocessing.tiling): run the program once per view, "
-                        "the global view first, then the tiles row-major"}],
-            "outputs": [{"name": "image_embeddings", "dtype": "float16", "shape": [1, c.tokens_per_view + 1, d],
-                         "meaning": "this view's tokens followed by the separator token; concatenate the views' outputs in order along axis 1"}],
-        },
+        "vision": {"file": "vision.mlpackage", "inputs": [image], "outputs": [embeddings]},
         "embedding": {
             "file": "embedding.mlpackage",
             "inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "T"], "dynamic": {"T": [1, top]}}],
