@@ -186,3 +186,26 @@ def test_table_row_and_word_read_note():
     text = ablate.table([record])
     assert "| clip-anyres-smalltext | resolution (small text) |" in text
     assert "0.250 over the 20 test scenes with a word" in text
+
+
+def test_reading_probe_fine_tunes_and_measures_before_and_after(tmp_path, tokenizer_path):
+    """The probe trains the model it is given (the loss is recorded per step), on the scenes of the
+    requested word size, and reports word_read before and after on the same held-out scenes."""
+    import torch
+
+    from mobilevlm import MobileVLM, save_pretrained
+    from mobilevlm.benchmarks.reading_probe import probe
+    from mobilevlm.data.scene import active_scene_config
+
+    from ..conftest import micro_config
+
+    torch.manual_seed(0)
+    model_dir = save_pretrained(MobileVLM(micro_config()), tmp_path / "m", tokenizer=tokenizer_path)
+    lines: list[str] = []
+    result = probe(model_dir, 0.2, steps=2, eval_scenes=3, lr=1e-3, log=lines.append)
+    assert result["word_scale"] == 0.2 and result["steps"] == 2 and lines and "step 0 loss" in lines[0]
+    for key in ("word_read_before", "word_read_after"):
+        assert result[key]["question"] == "What word is written in the image?" and 0 <= result[key]["accuracy"] <= 1
+    assert result["word_read_before"]["count"] == result["word_read_after"]["count"]
+    assert result["first_loss"] > 0 and result["last_loss"] > 0
+    assert active_scene_config().word_scale == 1.0  # the scope is left
