@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-QUESTION = "What word is written in the image?"
-RENDER_SIZES = (192, 384)
 BATCH = 16
 
 
@@ -35,13 +33,14 @@ def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40,
     from mobilevlm.data.scene import SceneConfig, scene_config_scope
     from mobilevlm.data.splits import scene_seeds
     from mobilevlm.evaluate import ReferenceAnswerer
-    from mobilevlm.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from mobilevlm.train.batches import collate, encode_conversation
 
-    from .ablate import word_read
+    from .ablate import QUESTION, SMALL_TEXT_RENDER_SCALES, word_read
 
     torch.manual_seed(seed)
     model, processor = load_model(model_dir), load_processor(model_dir)
-    tok = processor.tokenizer
+    image = processor.image
+    render_sizes = [image.size * scale for scale in SMALL_TEXT_RENDER_SCALES]
     with scene_config_scope(SceneConfig(word_scale=word_scale)):
         before = word_read(ReferenceAnswerer(model.eval(), processor), eval_scenes)
         seeds = [s for s in scene_seeds("train", 0, 6000) if make_scene(s).word is not None]
@@ -49,21 +48,15 @@ def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40,
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         model.train()
         started, losses = time.time(), []
-        prefix, suffix = processor.prompt_ids(QUESTION)
         for step in range(steps):
-            rows = []
+            rows, pixels = [], []
             for s in rng.sample(seeds, BATCH):
                 scene = make_scene(s)
-                target = tok.encode(" " + scene.word) + [tok.eos_id]
-                ids = prefix + [IMAGE_TOKEN_INDEX] + suffix + target
-                labels = [IGNORE_INDEX] * (len(ids) - len(target)) + target
-                rows.append((ids, processor.image.preprocess(render_scene(scene, rng.choice(RENDER_SIZES))), labels))
-            width = max(len(r[0]) for r in rows)  # right padding, ignored by the loss
-            ids = torch.tensor([r[0] + [tok.eos_id] * (width - len(r[0])) for r in rows])
-            labels = torch.tensor([r[2] + [IGNORE_INDEX] * (width - len(r[2])) for r in rows])
-            views = [r[1] for r in rows]  # [1, 3, S, S] each, or [K, 3, S, S] views of a tiled model
-            pixels = torch.stack(views) if views[0].shape[0] > 1 else torch.cat(views)
-            loss = model(ids, pixels, labels)
+                rows.append(encode_conversation(processor, [(QUESTION, scene.word)], model.config.text.max_seq_len))
+                views = image.preprocess(render_scene(scene, rng.choice(render_sizes)))  # [views, 3, S, S]
+                pixels.append(views if image.grids else views[0])  # as ScenePool.pixels
+            batch = collate(rows, processor.tokenizer.pad_id or 0, pixels)
+            loss = model(batch.token_ids, batch.pixel_values, batch.labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -71,7 +64,7 @@ def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40,
             if step % 50 == 0:
                 log(f"{model_dir}: step {step} loss {losses[-1]:.3f} ({time.time() - started:.0f} s)")
         after = word_read(ReferenceAnswerer(model.eval(), processor), eval_scenes)
-    return {"model": str(model_dir), "word_scale": word_scale, "steps": steps, "batch": BATCH, "lr": lr, "render_sizes": list(RENDER_SIZES),
+    return {"model": str(model_dir), "word_scale": word_scale, "steps": steps, "batch": BATCH, "lr": lr, "render_sizes": render_sizes,
             "word_read_before": before, "word_read_after": after, "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None, "minutes": round((time.time() - started) / 60, 1)}
 

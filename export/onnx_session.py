@@ -88,9 +88,11 @@ class PromptedSession:
     def prompt_ids(self, prompt: str, image_tokens: int | None = None) -> list[int]:
         """The whole prompt's ids, each image position an `IMAGE_PLACEHOLDER_ID`; `image_tokens`
         (the vision output's rows) defaults to the manifest's count, which a tiled image may undercut."""
-        before, after = self.prompt_parts(prompt)
-        count = self.prompt["image_tokens"] if image_tokens is None else image_tokens
-        return [*before, *[IMAGE_PLACEHOLDER_ID] * count, *after]
+        return self.join(*self.prompt_parts(prompt), self.prompt["image_tokens"] if image_tokens is None else image_tokens)
+
+    @staticmethod
+    def join(before: list[int], after: list[int], image_tokens: int) -> list[int]:
+        return [*before, *[IMAGE_PLACEHOLDER_ID] * image_tokens, *after]
 
     def budget(self, prompt_len: int, max_new_tokens: int) -> int:
         return min(max_new_tokens, self.context - prompt_len)
@@ -190,14 +192,14 @@ class OnnxSession(_OnnxVision):
         return logits[0]
 
     def prefill(self, image: Image.Image, prompt: str) -> tuple[np.ndarray, int]:
-        self.prompt_parts(prompt)  # a prompt too long is refused before the image is encoded
+        before, after = self.prompt_parts(prompt)  # a prompt too long is refused before the image is encoded
         self.reset()
         features = self.image_features(image)
         if self.image_input == "image_features":  # beside the sequence, not in it
             self.features = features
-            ids = self.prompt_ids(prompt)
+            ids = self.join(before, after, self.prompt["image_tokens"])
             return self.step(self.embed(ids))[-1], len(ids)
-        ids = self.prompt_ids(prompt, features.shape[1])
+        ids = self.join(before, after, features.shape[1])
         outputs = self.embedding.run(None, {"input_ids": np.asarray([ids], np.int64), "image_features": features})
         return self.step(outputs[0], outputs[1] if self.image_input == "image_mask" else None)[-1], len(ids)
 

@@ -124,19 +124,29 @@ def test_llama_cpp_tokenizes_the_prompt_like_our_tokenizer(bundle):
         assert b"".join(session.runtime.piece(i) for i in ids).decode() == tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("name", ["gguf-f16", "gguf-q8_0"])
-def test_llama_cpp_answers_like_the_reference_with_its_class_token_order(bundle, gguf_checkpoint, name):
-    """f16: every greedy answer identical; q8_0: teacher-forced token agreement of at least 90%."""
-    model, processor = load_model(gguf_checkpoint), load_processor(gguf_checkpoint)
+def measure(bundle, checkpoint, name: str, eos_position: bool = False) -> tuple[int, int, int]:
+    """(identical greedy answers, agreeing positions, positions) of artifact `name` in llama.cpp against
+    the reference with llama.cpp's class-token order, teacher-forced; with `eos_position`, the position
+    after an answer that stopped early (its EOS) counts too."""
+    model, processor = load_model(checkpoint), load_processor(checkpoint)
     session = session_for(bundle, name)
+    eos = processor.tokenizer.eos_id
     matches, agree, positions = 0, 0, 0
     for case in bundle.manifest["parity"]["cases"]:
         image = render_scene(make_scene(case["scene_seed"]), 256)
         expected = emulated_answer(model, processor, image, case["question"], case["max_new_tokens"])
         matches += session.answer(image, case["question"], case["max_new_tokens"]) == processor.tokenizer.decode(expected)
         logits = session.forced_logits(image, case["question"], expected)
-        agree += sum(int(l.argmax()) == t for l, t in zip(logits, expected))
-        positions += len(expected)
+        targets = expected + ([eos] if eos_position and len(expected) < case["max_new_tokens"] else [])
+        agree += sum(int(l.argmax()) == t for l, t in zip(logits, targets))
+        positions += len(targets)
+    return matches, agree, positions
+
+
+@pytest.mark.parametrize("name", ["gguf-f16", "gguf-q8_0"])
+def test_llama_cpp_answers_like_the_reference_with_its_class_token_order(bundle, gguf_checkpoint, name):
+    """f16: every greedy answer identical; q8_0: teacher-forced token agreement of at least 90%."""
+    matches, agree, positions = measure(bundle, gguf_checkpoint, name)
     if name == "gguf-f16":
         assert matches == 4 and agree == positions
     else:

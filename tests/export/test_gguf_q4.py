@@ -20,13 +20,11 @@ import dataclasses
 import pytest
 import torch
 
-from mobilevlm import load_model, load_processor
-from mobilevlm.data import make_scene, render_scene
 from mobilevlm.export import pipeline
 from mobilevlm.export.bundle import load_bundle
 
 from .test_families_backends import ANSWERS, confident
-from .test_gguf import emulated_answer, grid24_config, session_for
+from .test_gguf import grid24_config, measure
 
 RECIPES = ("f16", "q4_0", "q4_k_m")
 # The type llama.cpp must give the decoder's matrices for each q4 recipe (not only its fallbacks).
@@ -54,24 +52,6 @@ def q4_bundle(q4_checkpoint, tmp_path_factory):
     return load_bundle(out)
 
 
-def measure(bundle, checkpoint, name: str) -> dict:
-    """Greedy answers and teacher-forced token agreement of artifact `name` in llama.cpp against the
-    reference with llama.cpp's class-token order (the EOS position included when the reference stops)."""
-    model, processor = load_model(checkpoint), load_processor(checkpoint)
-    session = session_for(bundle, name)
-    eos = processor.tokenizer.eos_id
-    matches, agree, positions = 0, 0, 0
-    for case in bundle.manifest["parity"]["cases"]:
-        image = render_scene(make_scene(case["scene_seed"]), 256)
-        expected = emulated_answer(model, processor, image, case["question"], case["max_new_tokens"])
-        matches += session.answer(image, case["question"], case["max_new_tokens"]) == processor.tokenizer.decode(expected)
-        logits = session.forced_logits(image, case["question"], expected)
-        targets = expected + ([eos] if len(expected) < case["max_new_tokens"] else [])
-        agree += sum(int(l.argmax()) == t for l, t in zip(logits, targets))
-        positions += len(targets)
-    return {"answers_identical": matches, "num_cases": len(bundle.manifest["parity"]["cases"]), "token_agreement": agree / positions}
-
-
 @pytest.mark.slow
 def test_f16_gives_the_reference_answers(q4_bundle):
     """The fine-tune took (the reference answers the targets), and f16 in llama.cpp answers alike, as
@@ -88,5 +68,5 @@ def test_q4_keeps_95_percent_token_agreement_in_llama_cpp(q4_bundle, q4_checkpoi
     assert MAIN_TYPE[recipe] in artifact["metadata"]["text_tensor_types"], artifact["metadata"]["text_tensor_types"]
     recorded = artifact["parity"]
     assert recorded["num_cases"] == 4 and recorded["token_agreement"] >= 0.95, recorded
-    measured = measure(q4_bundle, q4_checkpoint, f"gguf-{recipe}")
-    assert measured["num_cases"] == 4 and measured["token_agreement"] >= 0.95, measured
+    matches, agree, positions = measure(q4_bundle, q4_checkpoint, f"gguf-{recipe}", eos_position=True)
+    assert len(q4_bundle.manifest["parity"]["cases"]) == 4 and agree / positions >= 0.95, (matches, agree, positions)
