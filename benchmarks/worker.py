@@ -83,10 +83,13 @@ def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, pr
     width = manifest["model"]["config"]["text"]["hidden_size"]
     vocab = manifest["model"]["config"]["text"]["vocab_size"]
     # A text-decoder-only peer (benchmarks/peers/) has no image path: its prompt is the text around
-    # the image, and prefill is fed random token ids (its `embed` passes ids through) instead of
-    # random embedding rows.
+    # the image with random token ids standing in for the image's positions, so that its decode runs
+    # at the same cache positions as a multimodal contender's (each decoded token reads the whole
+    # filled KV cache: a shorter prompt would make it look faster). Prefill is fed random token ids
+    # too (its `embed` passes ids through) instead of random embedding rows.
     text_only = getattr(contender, "text_only", False)
     generator = torch.Generator().manual_seed(0)
+    image_stand_in = torch.randint(0, vocab, (1, int(prompt.get("image_tokens", 0))), generator=generator)
 
     def prefill_input(n: int) -> torch.Tensor:
         if text_only:
@@ -95,7 +98,7 @@ def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, pr
 
     def first_token() -> tuple[int, int]:
         pos = 0
-        for chunk in ((contender.embed(before), contender.embed(after)) if text_only else (contender.embed(before), contender.encode(image_u8), contender.embed(after))):
+        for chunk in ((contender.embed(before), contender.embed(image_stand_in), contender.embed(after)) if text_only else (contender.embed(before), contender.encode(image_u8), contender.embed(after))):
             logits = contender.decode(chunk, torch.arange(pos, pos + chunk.shape[1]))
             pos += chunk.shape[1]
         return int(logits.argmax()), pos
@@ -125,7 +128,7 @@ def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, pr
             prefill[n].append(n / timed(lambda: contender.decode(embeds, torch.arange(n)))[0])
     return {
         "image_encode_ms": None if text_only else spread(encode),  # None: this peer has no image path (not measured)
-        **({"scope": "text decoder", "ttft_note": "text tokens only (no image encode, no image tokens): not comparable with a full prompt's TTFT"} if text_only else {}),
+        **({"scope": "text decoder", "ttft_note": "no image encode: text tokens fill the image's positions (decode starts where a full prompt's does); not comparable with a full prompt's TTFT"} if text_only else {}),
         "ttft_ms": spread(ttft),
         "prompt_tokens": pos,
         "decode_tok_s": spread(decode),

@@ -45,6 +45,8 @@ def test_peer_records_named_and_measured_like_contenders(records):
             assert 0 < m[key]["min"] <= m[key]["median"] <= m[key]["max"], key
         assert set(m["prefill_tok_s"]) == set(ours["metrics"]["prefill_tok_s"]) == {"8", "32"}
         assert m["decode_tokens"] == ours["metrics"]["decode_tokens"] == 8
+        # decode starts at the same cache position: text tokens stand in for the image's
+        assert m["prompt_tokens"] == ours["metrics"]["prompt_tokens"]
         assert m["peak_rss_mb"] > 0 and m["file_mb"] > 0 and m["load_s"] > 0
         # the micro model's 12x12-ish grid cannot go through llama.cpp's LDP graph; the builders have no vision path
         assert r["peer"]["scope"] == "text decoder" and m["scope"] == "text decoder" and m["image_encode_ms"] is None and r["peer"]["scope_reason"]
