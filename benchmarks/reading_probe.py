@@ -6,10 +6,13 @@ see the letters" from "was never taught to read": it fine-tunes each model the s
 question alone, then asks it on held-out test scenes (`ablate.word_read`), before and after.
 
 Same for every model: train-split scenes with a word, rendered at 2x / 4x the 96 px input (the small-text
-variants' `render_scales`), batches of 16, AdamW at 1e-4 on all weights, greedy answers. A model that
-sees the letters learns the words; one whose input blurs them stays near chance (1 in 28 words).
+variants' `render_scales`), batches of 16, AdamW at 1e-4 (`--lr`) on all weights, greedy answers. A
+model that sees the letters learns the words; one whose input blurs them stays near chance (1 in 28
+words). A tiny model learns a word at one place long before it learns to find it anywhere in its row, so
+`--word-offset X,Y` fixes the plate's place (`SceneConfig.word_offset`): inside one tile, or across a seam.
 
     python -m mobilevlm.benchmarks.reading_probe MODEL_DIR [MODEL_DIR ...] --word-scale 0.2 --steps 400
+    python -m mobilevlm.benchmarks.reading_probe MODEL_DIR --word-scale 0.2 --word-offset=-0.8,-0.8 --steps 600 --lr 2e-4
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 BATCH = 16
 
 
-def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40, lr: float = 1e-4, seed: int = 0, log=print) -> dict:
-    """word_read before and after `steps` of word-question fine-tuning, inside the scene scope."""
+def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40, lr: float = 1e-4, seed: int = 0, log=print,
+          word_offset: tuple[float, float] | None = None) -> dict:
+    """word_read before and after `steps` of word-question fine-tuning, inside the scene scope
+    (`word_offset`: the plate at one fixed place of its row, as `SceneConfig.word_offset`)."""
     import torch
 
     from mobilevlm.checkpoint import load_model, load_processor
@@ -41,7 +46,7 @@ def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40,
     model, processor = load_model(model_dir), load_processor(model_dir)
     image = processor.image
     render_sizes = [image.size * scale for scale in SMALL_TEXT_RENDER_SCALES]
-    with scene_config_scope(SceneConfig(word_scale=word_scale)):
+    with scene_config_scope(SceneConfig(word_scale=word_scale, word_offset=word_offset)):
         before = word_read(ReferenceAnswerer(model.eval(), processor), eval_scenes)
         seeds = [s for s in scene_seeds("train", 0, 6000) if make_scene(s).word is not None]
         rng = random.Random(seed)
@@ -64,9 +69,17 @@ def probe(model_dir: Path, word_scale: float, steps: int, eval_scenes: int = 40,
             if step % 50 == 0:
                 log(f"{model_dir}: step {step} loss {losses[-1]:.3f} ({time.time() - started:.0f} s)")
         after = word_read(ReferenceAnswerer(model.eval(), processor), eval_scenes)
-    return {"model": str(model_dir), "word_scale": word_scale, "steps": steps, "batch": BATCH, "lr": lr, "render_sizes": render_sizes,
+    return {"model": str(model_dir), "word_scale": word_scale, "word_offset": word_offset, "steps": steps, "batch": BATCH, "lr": lr, "render_sizes": render_sizes,
             "word_read_before": before, "word_read_after": after, "first_loss": losses[0] if losses else None,
             "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None, "minutes": round((time.time() - started) / 60, 1)}
+
+
+def _offset(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, each -1..1), got {text!r}") from None
+    return x, y
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mobilevlm.benchmarks.reading_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="trained model folders (config.json + weights)")
     parser.add_argument("--word-scale", type=float, default=1.0, help="SceneConfig.word_scale of the fine-tune and test scenes")
+    parser.add_argument("--word-offset", type=_offset, default=None, metavar="X,Y",
+                        help="print the word at this fixed place of its row (each -1..1, as SceneConfig.word_offset); default: anywhere")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the fine-tune")
     parser.add_argument("--eval-scenes", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for model_dir in args.models:
-        print(json.dumps(probe(model_dir, args.word_scale, args.steps, args.eval_scenes, log=lambda s: print(s, file=sys.stderr, flush=True))), flush=True)
+        print(json.dumps(probe(model_dir, args.word_scale, args.steps, args.eval_scenes, args.lr, log=lambda s: print(s, file=sys.stderr, flush=True),
+                               word_offset=args.word_offset)), flush=True)
     return 0
 
 

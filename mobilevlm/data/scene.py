@@ -176,6 +176,12 @@ class SceneConfig:
     # A smaller plate lands anywhere in its row (uniformly), as text in a photo does, so no layout
     # (e.g. a tile boundary through the image centre) is systematically favoured or cut.
     word_scale: float = 1.0
+    # Where a smaller plate sits in its row, fixed for every scene: (x, y), each -1..1 of the free
+    # travel (see `Scene.word_offset`); None places it uniformly at random. A fixed place separates
+    # "too small to read" from "read anywhere": a tiny model learns to read a word at one place long
+    # before it learns to find it anywhere (`benchmarks/reading_probe.py`), and a fixed place lets a
+    # study put the word inside one tile or across a tile seam on purpose.
+    word_offset: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
@@ -200,6 +206,8 @@ class SceneConfig:
         if not MIN_WORD_SCALE <= self.word_scale <= 1.0:
             raise ValueError(f"SceneConfig.word_scale: expected {MIN_WORD_SCALE}..1.0, "
                              f"got {self.word_scale}")
+        if self.word_offset is not None and (len(self.word_offset) != 2 or not all(-1.0 <= v <= 1.0 for v in self.word_offset)):
+            raise ValueError(f"SceneConfig.word_offset: expected None or (x, y), each -1..1, got {self.word_offset}")
         unknown = set(self.background_kinds) - set(BACKGROUND_KINDS)
         if not self.background_kinds or unknown:
             raise ValueError(f"SceneConfig.background_kinds: expected a non-empty subset of "
@@ -291,6 +299,8 @@ def make_scene(seed: int, config: SceneConfig | None = None) -> Scene:
         # Its own stream, so that the rest of the scene is the same at every word_scale.
         place = random.Random(f"{seed}:word-place")
         offset = (round(place.uniform(-1, 1), 4), round(place.uniform(-1, 1), 4))
+        if config.word_offset is not None:
+            offset = (float(config.word_offset[0]), float(config.word_offset[1]))
     return Scene(seed=seed, objects=tuple(objects), word=word, word_row=word_row,
                  background=_background(rng, config), word_scale=config.word_scale,
                  word_offset=offset)

@@ -96,6 +96,27 @@ def test_word_scale_validation():
     for bad in (0.05, 0.0, 1.5):
         with pytest.raises(ValueError, match="word_scale"):
             SceneConfig(word_scale=bad)
+    for bad in ((1.5, 0.0), (0.0,), (0.0, -2.0)):
+        with pytest.raises(ValueError, match="word_offset"):
+            SceneConfig(word_offset=bad)
+
+
+def test_fixed_word_offset_places_every_plate_alike_and_changes_nothing_else():
+    fixed = SceneConfig(word_scale=0.2, word_offset=(-0.8, 0.5))
+    worded = [s for s in range(40) if make_scene(s, fixed).word is not None]
+    assert len(worded) > 5
+    for s in worded:
+        scene, anywhere = make_scene(s, fixed), make_scene(s, SMALL)
+        assert scene.word_offset == (-0.8, 0.5)
+        assert dataclasses.replace(scene, word_offset=anywhere.word_offset) == anywhere
+    # the plate is drawn where the offset says: the word changes only pixels of the image's left half
+    scene = make_scene(worded[0], fixed)
+    x0, _, x1, _ = word_plate(scene.word_row, 0.2, (-0.8, 0.5))
+    assert x1 < 0.5
+    with_word = np.asarray(render_scene(scene, 192)).astype(int)
+    without = np.asarray(render_scene(dataclasses.replace(scene, word=None, word_row=None), 192)).astype(int)
+    changed = np.nonzero((with_word != without).any(axis=2))
+    assert changed[1].size > 0 and changed[1].max() < 96
 
 
 def test_scene_config_scope():
@@ -209,3 +230,5 @@ def test_reading_probe_fine_tunes_and_measures_before_and_after(tmp_path, tokeni
     assert result["word_read_before"]["count"] == result["word_read_after"]["count"]
     assert result["first_loss"] > 0 and result["last_loss"] > 0
     assert active_scene_config().word_scale == 1.0  # the scope is left
+    fixed = probe(model_dir, 0.2, steps=1, eval_scenes=3, lr=1e-3, log=lines.append, word_offset=(-0.8, -0.8))
+    assert fixed["word_offset"] == (-0.8, -0.8) and active_scene_config().word_offset is None
