@@ -78,7 +78,9 @@ def _offset(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, each -1..1), got {text!r}") from None
+        x = y = float("nan")
+    if not (-1.0 <= x <= 1.0 and -1.0 <= y <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers, each -1..1), got {text!r}")
     return x, y
 
 

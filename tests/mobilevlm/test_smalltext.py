@@ -232,3 +232,12 @@ def test_reading_probe_fine_tunes_and_measures_before_and_after(tmp_path, tokeni
     assert active_scene_config().word_scale == 1.0  # the scope is left
     fixed = probe(model_dir, 0.2, steps=1, eval_scenes=3, lr=1e-3, log=lines.append, word_offset=(-0.8, -0.8))
     assert fixed["word_offset"] == (-0.8, -0.8) and active_scene_config().word_offset is None
+
+
+def test_reading_probe_refuses_a_bad_word_offset(capsys):
+    from mobilevlm.benchmarks.reading_probe import main
+
+    for bad in ("2,0", "a", "0.1"):
+        with pytest.raises(SystemExit):
+            main(["some-model", f"--word-offset={bad}"])
+        assert "--word-offset: expected X,Y" in capsys.readouterr().err
