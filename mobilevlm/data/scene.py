@@ -173,8 +173,9 @@ class SceneConfig:
     # Size of the printed word relative to the default (a plate filling its grid row). Below 1 the
     # text is small relative to the image: at 0.2 its capitals are about 4 px tall in a 96 px view
     # (unreadable) and 8 px in a 192 px one (readable), the regime where tiling should pay off.
-    # A smaller plate lands anywhere in its row (uniformly), as text in a photo does, so no layout
-    # (e.g. a tile boundary through the image centre) is systematically favoured or cut.
+    # Unless `word_offset` fixes its place, a smaller plate lands anywhere in its row (uniformly), as
+    # text in a photo does, so no layout (e.g. a tile boundary through the image centre) is
+    # systematically favoured or cut.
     word_scale: float = 1.0
     # Where a smaller plate sits in its row, fixed for every scene: (x, y), each -1..1 of the free
     # travel (see `Scene.word_offset`); None places it uniformly at random. A fixed place separates
@@ -296,11 +297,12 @@ def make_scene(seed: int, config: SceneConfig | None = None) -> Scene:
             dy=round(rng.uniform(-config.jitter, config.jitter), 4)))
     offset = (0.0, 0.0)
     if word is not None and config.word_scale < 1.0:
-        # Its own stream, so that the rest of the scene is the same at every word_scale.
-        place = random.Random(f"{seed}:word-place")
-        offset = (round(place.uniform(-1, 1), 4), round(place.uniform(-1, 1), 4))
         if config.word_offset is not None:
             offset = (float(config.word_offset[0]), float(config.word_offset[1]))
+        else:
+            # Its own stream, so that the rest of the scene is the same at every word_scale.
+            place = random.Random(f"{seed}:word-place")
+            offset = (round(place.uniform(-1, 1), 4), round(place.uniform(-1, 1), 4))
     return Scene(seed=seed, objects=tuple(objects), word=word, word_row=word_row,
                  background=_background(rng, config), word_scale=config.word_scale,
                  word_offset=offset)
