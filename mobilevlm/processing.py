@@ -195,8 +195,8 @@ class ImageProcessor:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [.., 3, H, W] -> float32 (x / 255 - mean) / std."""
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
+        mean = torch.tensor(self.mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(3, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
 
     def preprocess(self, source: ImageSource) -> torch.Tensor:

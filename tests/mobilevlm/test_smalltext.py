@@ -241,3 +241,70 @@ def test_reading_probe_refuses_a_bad_word_offset(capsys):
         with pytest.raises(SystemExit):
             main(["some-model", f"--word-offset={bad}"])
         assert "--word-offset: expected X,Y" in capsys.readouterr().err
+
+
+def _anyres_checkpoint(tmp_path, tokenizer_path):
+    from mobilevlm import MobileVLM, save_pretrained
+
+    from ..conftest import micro_config
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(micro_config(), resolution="anyres", anyres_grids=(1, 2, 2, 1, 2, 2)).validate()
+    return save_pretrained(MobileVLM(config), tmp_path / "tiled", tokenizer=tokenizer_path)
+
+
+def test_reading_probe_pool_renders_in_workers_exactly_what_a_render_gives(tmp_path, tokenizer_path):
+    """The pool's worker processes get the scene config passed (not scoped), keep only scenes with a
+    word, and render each at its render size by seed: the same bytes as rendering here."""
+    from mobilevlm.benchmarks.reading_probe import _render_sizes, render_pool
+    from mobilevlm.checkpoint import load_processor
+
+    model_dir = _anyres_checkpoint(tmp_path, tokenizer_path)
+    config = SceneConfig(word_scale=0.2, word_offset=(-0.8, -0.8))
+    words, views = render_pool(model_dir, config, 5, workers=2)
+    image = load_processor(model_dir).image
+    sizes = _render_sizes(load_processor(model_dir))
+    seeds = [s for s in range(100) if make_scene(s, config).word is not None][:5]
+    assert words == [make_scene(s, config).word for s in seeds]
+    assert views.dtype == torch.uint8 and views.shape[:2] == (5, 5)  # five scenes, global view + 2x2 tiles
+    for i, s in enumerate(seeds):
+        assert torch.equal(views[i], image.prepare_views(render_scene(make_scene(s, config), sizes[s % len(sizes)])))
+    assert active_scene_config() == DEFAULT_CONFIG
+
+
+def test_reading_probe_pool_mode_trains_a_tiled_model_records_a_curve_and_stops_on_time(tmp_path, tokenizer_path):
+    from mobilevlm.benchmarks.reading_probe import ProbeConfig, probe
+
+    model_dir = _anyres_checkpoint(tmp_path, tokenizer_path)
+    config = ProbeConfig(word_scale=0.2, steps=3, batch=4, lr=1e-3, eval_scenes=3, eval_every=2, pool=8, workers=1)
+    lines: list[str] = []
+    result = probe(model_dir, config=config, log=lines.append)
+    assert [c["step"] for c in result["curve"]] == [0, 2, 3] and result["steps_done"] == 3 and result["pool"] == 8
+    assert result["word_read_after"]["accuracy"] == result["curve"][-1]["accuracy"]
+    assert result["word_read_before"]["accuracy"] == result["curve"][0]["accuracy"]
+    assert any("rendered 8 word scenes" in line for line in lines) and result["last_loss"] > 0
+    timed = probe(model_dir, config=dataclasses.replace(config, max_minutes=0.0), log=lines.append)
+    assert timed["steps_done"] == 1 and [c["step"] for c in timed["curve"]] == [0, 1]
+
+
+def test_reading_probe_refuses_a_run_it_cannot_do(capsys):
+    from mobilevlm.benchmarks.reading_probe import ProbeConfig, main
+
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        ProbeConfig(pool=4, batch=8)
+    for bad in (dict(steps=-1), dict(batch=0), dict(lr=0.0), dict(workers=0), dict(eval_every=-1)):
+        with pytest.raises(ValueError, match="ProbeConfig"):
+            ProbeConfig(**bad)
+    with pytest.raises(SystemExit):
+        main(["some-model", "--pool", "4", "--batch", "8"])
+    assert "cannot fill a batch of 8" in capsys.readouterr().err
+
+
+def test_normalize_keeps_the_pixels_device():
+    """The probe normalises its uint8 pool where the model trains; mean / std must follow the pixels."""
+    from mobilevlm.processing import ImageProcessor
+
+    from ..conftest import micro_config
+
+    image = ImageProcessor.from_config(micro_config())
+    assert image.normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta")).device.type == "meta"
