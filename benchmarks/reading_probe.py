@@ -53,7 +53,7 @@ class ProbeConfig:
     pool: int = 0  # 0: render every batch's scenes afresh; N: render N word scenes once and sample from them
     workers: int = 1  # processes that render the pool
     device: str = "cpu"
-    max_minutes: float | None = None  # stop training after the step that passes this (steps_done says where)
+    max_minutes: float | None = None  # stop after the step that passes this wall time, pool rendering included (steps_done says where)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=0, help="render this many word scenes once and sample batches from them (0: fresh scenes per batch)")
     parser.add_argument("--workers", type=int, default=1, help="processes that render the pool")
     parser.add_argument("--device", default="cpu", help="where the fine-tune runs (cpu, cuda)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop training after the step that passes this wall time")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop training after the step that passes this many minutes since the probe began (pool rendering included)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     try:
