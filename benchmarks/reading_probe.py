@@ -75,7 +75,8 @@ _WORKER: dict = {}
 def _init_worker(model_dir: str, scene_config) -> None:
     from mobilevlm.checkpoint import load_processor
 
-    _WORKER.update(processor=load_processor(model_dir), scene=scene_config)
+    processor = load_processor(model_dir)
+    _WORKER.update(processor=processor, scene=scene_config, sizes=_render_sizes(processor))
 
 
 def _render_seed(seed: int):
@@ -86,8 +87,7 @@ def _render_seed(seed: int):
     scene = make_scene(seed, _WORKER["scene"])
     if scene.word is None:
         return None
-    processor = _WORKER["processor"]
-    sizes = _render_sizes(processor)
+    processor, sizes = _WORKER["processor"], _WORKER["sizes"]
     # numpy, not a tensor: torch pickles tensors between processes as shared-memory file handles,
     # one per tensor, and tens of thousands of them exhaust the open-file limit
     return scene.word, processor.image.prepare_views(render_scene(scene, sizes[seed % len(sizes)])).numpy()
@@ -191,8 +191,6 @@ def probe(model_dir: Path, word_scale: float | None = None, steps: int | None = 
                 log(f"{model_dir}: step {step} word_read {curve[-1]['word_read']['accuracy']:.3f}")
             if out_of_time:
                 break
-        if curve[-1]["step"] != step:
-            curve.append({"step": step, "word_read": measure()})
     model.cpu()
     return {"model": str(model_dir), "word_scale": config.word_scale, "word_offset": config.word_offset, "steps": config.steps, "steps_done": step,
             "batch": config.batch, "lr": config.lr, "render_sizes": _render_sizes(processor), "pool": config.pool or None, "device": config.device,

@@ -89,7 +89,7 @@ def measure(contender, manifest: dict, image_u8: torch.Tensor, question: str, pr
     # too (its `embed` passes ids through) instead of random embedding rows.
     text_only = getattr(contender, "text_only", False)
     generator = torch.Generator().manual_seed(0)
-    image_stand_in = torch.randint(0, vocab, (1, int(prompt.get("image_tokens", 0))), generator=generator)
+    image_stand_in = torch.randint(0, vocab, (1, int(prompt.get("image_tokens", 0))), generator=generator) if text_only else None
 
     def prefill_input(n: int) -> torch.Tensor:
         if text_only:
